@@ -1,0 +1,157 @@
+"""Copy a Checkpoint into its own PostgreSQL schema, in one transaction, with binary COPY."""
+
+from __future__ import annotations
+
+import re
+import sys
+from importlib import resources
+from typing import Iterable, Iterator
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from tqdm import tqdm
+
+from ..runner.tokenizer import bytes_to_unicode
+from .checkpoint import Checkpoint, CheckpointError
+from .unicode_classes import class_ranges
+
+EOT = "<|endoftext|>"
+NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
+
+
+class LoadError(Exception):
+    """The model could not be loaded; nothing was changed."""
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise LoadError(f"model name {name!r} must be lowercase letters, digits and _ (a PostgreSQL schema name)")
+    return name
+
+
+def schema_sql() -> str:
+    return resources.files("gpt_sql.sql").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def tokenizer_rows(ckpt: Checkpoint) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """(tokens, merges, byte_tokens) rows; raises CheckpointError if the tokenizer is not GPT-2's byte-level BPE."""
+    byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+    tokens = []
+    for piece, i in ckpt.encoder.items():
+        if piece == EOT:
+            data = piece.encode()
+        else:
+            try:
+                data = bytes(byte_decoder[c] for c in piece)
+            except KeyError:
+                raise CheckpointError(f"{ckpt.source}: token {piece!r} is not in GPT-2's byte-level alphabet")
+        tokens.append((i, piece, data))
+    merges = []
+    for rank, (a, b) in enumerate(ckpt.merges):
+        try:
+            merges.append((ckpt.encoder[a], ckpt.encoder[b], rank, ckpt.encoder[a + b]))
+        except KeyError:
+            raise CheckpointError(f"{ckpt.source}: merge {a!r} {b!r} (rank {rank}) names a token not in the vocabulary")
+    missing = [c for c in bytes_to_unicode().values() if c not in ckpt.encoder]
+    if missing:
+        raise CheckpointError(f"{ckpt.source}: the vocabulary lacks {len(missing)} of the 256 byte tokens")
+    byte_tokens = [(b, ckpt.encoder[c]) for b, c in bytes_to_unicode().items()]
+    return tokens, merges, byte_tokens
+
+
+def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tuple]]]:
+    """(table, column types, rows) for every weight table, matrices as one output column per row."""
+    p, hp = ckpt.params, ckpt.hparams
+    d = hp["n_embd"]
+    yield "wte", ["int4", "vector"], ((i, row) for i, row in enumerate(p["wte"]))
+    yield "wpe", ["int4", "vector"], ((i, row) for i, row in enumerate(p["wpe"]))
+    for ln in ("ln_1", "ln_2"):
+        yield ln, ["int4", "vector", "vector"], (
+            (i, p[f"h.{i}.{ln}.g"], p[f"h.{i}.{ln}.b"]) for i in range(hp["n_layer"]))
+    yield "ln_f", ["vector", "vector"], [(p["ln_f.g"], p["ln_f.b"])]
+    for table, name in (("attn_c_attn", "attn.c_attn"), ("attn_c_proj", "attn.c_proj"), ("mlp_c_fc", "mlp.c_fc")):
+        yield table, ["int4", "int4", "vector", "float4"], (
+            (i, col, w_col, float(b))
+            for i in range(hp["n_layer"])
+            for col, (w_col, b) in enumerate(zip(np.ascontiguousarray(p[f"h.{i}.{name}.w"].T), p[f"h.{i}.{name}.b"])))
+    yield "mlp_c_proj", ["int4", "int4", "int4", "vector", "float4"], (
+        (i, col, chunk, w_col[chunk * d:(chunk + 1) * d], float(b) if chunk == 0 else 0.0)
+        for i in range(hp["n_layer"])
+        for col, (w_col, b) in enumerate(zip(np.ascontiguousarray(p[f"h.{i}.mlp.c_proj.w"].T),
+                                              p[f"h.{i}.mlp.c_proj.b"]))
+        for chunk in range(4))
+
+
+def _copy(cur: psycopg.Cursor, table: str, types: list[str], rows: Iterable[tuple], bar: tqdm) -> int:
+    n = 0
+    with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(table))) as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
+            n += 1
+            bar.update(sum(v.nbytes for v in row if isinstance(v, np.ndarray)))
+    return n
+
+
+def load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool | None = None) -> dict:
+    """Load `ckpt` as schema `name`, replacing any previous version atomically. Returns row counts."""
+    from pgvector.psycopg import register_vector
+
+    check_name(name)
+    tokens, merges, byte_tokens = tokenizer_rows(ckpt)
+    if EOT not in ckpt.encoder:
+        raise CheckpointError(f"{ckpt.source}: the vocabulary has no {EOT} token")
+    staging = f"{name}__loading"
+    if progress is None:
+        progress = sys.stderr.isatty()
+    total_bytes = sum(a.nbytes for a in ckpt.params.values())
+    counts: dict[str, int] = {}
+    with conn.transaction():
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        register_vector(conn)
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
+        conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(staging)))
+        conn.execute(schema_sql())
+        cur = conn.cursor()
+        hp = ckpt.hparams
+        cur.execute(
+            "INSERT INTO hparams (n_vocab, n_ctx, n_embd, n_head, n_layer, eot, source, n_params)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (hp["n_vocab"], hp["n_ctx"], hp["n_embd"], hp["n_head"], hp["n_layer"], ckpt.encoder[EOT],
+             ckpt.source, ckpt.n_params))
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {name}", disable=not progress,
+                  file=sys.stderr) as bar:
+            counts["tokens"] = _copy(cur, "tokens", ["int4", "text", "bytea"], tokens, bar)
+            counts["merges"] = _copy(cur, "merges", ["int4", "int4", "int4", "int4"], merges, bar)
+            counts["byte_tokens"] = _copy(cur, "byte_tokens", ["int4", "int4"], byte_tokens, bar)
+            counts["char_classes"] = _copy(cur, "char_classes", ["int4", "text"], class_ranges(), bar)
+            for table, types, rows in weight_rows(ckpt):
+                counts[table] = _copy(cur, table, types, rows, bar)
+        verify_counts(cur, counts, expected_counts(ckpt, len(merges)))
+        for table in counts:
+            cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(staging), sql.Identifier(name)))
+        cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS 'gpt-sql model'").format(sql.Identifier(name)))
+    return counts
+
+
+def expected_counts(ckpt: Checkpoint, n_merges: int) -> dict[str, int]:
+    hp = ckpt.hparams
+    d, n_layer = hp["n_embd"], hp["n_layer"]
+    return {
+        "tokens": hp["n_vocab"], "merges": n_merges, "byte_tokens": 256,
+        "wte": hp["n_vocab"], "wpe": hp["n_ctx"], "ln_1": n_layer, "ln_2": n_layer, "ln_f": 1,
+        "attn_c_attn": n_layer * 3 * d, "attn_c_proj": n_layer * d, "mlp_c_fc": n_layer * 4 * d,
+        "mlp_c_proj": n_layer * d * 4,
+    }
+
+
+def verify_counts(cur: psycopg.Cursor, copied: dict[str, int], expected: dict[str, int]) -> None:
+    """Count rows in the database (not what we think we sent) against what the checkpoint implies."""
+    for table, n in expected.items():
+        cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
+        got = cur.fetchone()[0]
+        if got != n or copied.get(table) != n:
+            raise LoadError(f"table {table}: {got} rows in the database, {n} expected from the checkpoint")

@@ -1,0 +1,133 @@
+"""GPT-2 in NumPy, in the style of picoGPT, with a KV cache: the oracle the SQL query is compared with.
+
+Each function has a twin CTE of the same name in sql/generate.sql.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+LN_EPS = 1e-5
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mean = np.mean(x, axis=-1, keepdims=True)
+    variance = np.var(x, axis=-1, keepdims=True)
+    return g * (x - mean) / np.sqrt(variance + LN_EPS) + b
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return x @ w + b
+
+
+def ffn(x: np.ndarray, c_fc: dict, c_proj: dict) -> np.ndarray:
+    return linear(gelu(linear(x, **c_fc)), **c_proj)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return softmax(q @ k.T / np.sqrt(q.shape[-1]) + mask) @ v
+
+
+def mha(x: np.ndarray, c_attn: dict, c_proj: dict, n_head: int, cache: dict) -> np.ndarray:
+    """Causal attention of the new positions `x` over the cached positions plus themselves."""
+    q, k, v = np.split(linear(x, **c_attn), 3, axis=-1)
+    cache["k"] = k = np.concatenate([cache["k"], k]) if "k" in cache else k
+    cache["v"] = v = np.concatenate([cache["v"], v]) if "v" in cache else v
+    n_new, n_all = q.shape[0], k.shape[0]
+    mask = (1 - np.tri(n_new, n_all, k=n_all - n_new, dtype=x.dtype)) * -1e10
+    heads = [attention(qh, kh, vh, mask) for qh, kh, vh in
+             zip(*(np.split(a, n_head, axis=-1) for a in (q, k, v)))]
+    return linear(np.hstack(heads), **c_proj)
+
+
+def transformer_block(x: np.ndarray, mlp: dict, attn: dict, ln_1: dict, ln_2: dict, n_head: int,
+                      cache: dict) -> np.ndarray:
+    x = x + mha(layer_norm(x, **ln_1), **attn, n_head=n_head, cache=cache)
+    return x + ffn(layer_norm(x, **ln_2), **mlp)
+
+
+def gpt2(inputs: list[int], wte: np.ndarray, wpe: np.ndarray, blocks: list[dict], ln_f: dict, n_head: int,
+         cache: list[dict]) -> np.ndarray:
+    """Logits for the new `inputs`, which follow the positions already in `cache` (one dict per block)."""
+    n_past = cache[0]["k"].shape[0] if "k" in cache[0] else 0
+    x = wte[inputs] + wpe[range(n_past, n_past + len(inputs))]
+    for block, block_cache in zip(blocks, cache):
+        x = transformer_block(x, **block, n_head=n_head, cache=block_cache)
+    return layer_norm(x, **ln_f) @ wte.T
+
+
+def nest_params(params: dict[str, np.ndarray], n_layer: int) -> dict:
+    """Flat checkpoint names (`h.0.attn.c_attn.w`) -> picoGPT's nested dicts."""
+    def group(prefix: str, keys: dict[str, str]) -> dict:
+        return {k: params[prefix + v] for k, v in keys.items()}
+    wb, gb = {"w": "w", "b": "b"}, {"g": "g", "b": "b"}
+    blocks = [{
+        "ln_1": group(f"h.{i}.ln_1.", gb), "ln_2": group(f"h.{i}.ln_2.", gb),
+        "attn": {"c_attn": group(f"h.{i}.attn.c_attn.", wb), "c_proj": group(f"h.{i}.attn.c_proj.", wb)},
+        "mlp": {"c_fc": group(f"h.{i}.mlp.c_fc.", wb), "c_proj": group(f"h.{i}.mlp.c_proj.", wb)},
+    } for i in range(n_layer)]
+    return {"wte": params["wte"], "wpe": params["wpe"], "blocks": blocks, "ln_f": group("ln_f.", gb)}
+
+
+# --- sampling: the same rule as the `sample` CTE in SQL ---------------------------------------------------
+
+def uniform(seed: int, step: int) -> float:
+    """The uniform draw for generation step `step` (1-based): the first 52 bits of md5('<seed>:<step>')."""
+    return int(hashlib.md5(f"{seed}:{step}".encode()).hexdigest()[:13], 16) / 2.0**52
+
+
+def sample(logits: np.ndarray, temperature: float, top_n: int, u: float) -> tuple[int, float]:
+    """Top-n candidates by logit (ties: lower id first), softmax(logit / temperature) over them, then the first
+    candidate whose cumulative probability exceeds u. Returns (token, its probability softmax(logits /
+    temperature) over the whole vocabulary)."""
+    scaled = logits.astype(np.float64) / temperature
+    order = np.lexsort((np.arange(len(scaled)), -scaled))[:top_n]
+    i = int(np.searchsorted(np.cumsum(softmax(scaled[order])), u, side="right"))
+    token = int(order[min(i, len(order) - 1)])
+    return token, float(softmax(scaled)[token])
+
+
+@dataclass
+class Step:
+    step: int
+    token: int
+    prob: float
+    logits: np.ndarray
+
+
+class Model:
+    def __init__(self, hparams: dict[str, int], params: dict[str, np.ndarray]):
+        self.hparams = hparams
+        self.p = nest_params(params, hparams["n_layer"])
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in range(self.hparams["n_layer"])]
+
+    def logits(self, inputs: list[int], cache: list[dict]) -> np.ndarray:
+        return gpt2(inputs, **self.p, n_head=self.hparams["n_head"], cache=cache)
+
+    def generate(self, prompt: list[int], n_tokens: int, temperature: float = 1.0, top_n: int = 5,
+                 seed: int = 0, eot: int | None = None) -> Iterator[Step]:
+        """Prefill the prompt in one pass, then one position per step from the KV cache."""
+        cache = self.new_cache()
+        inputs = list(prompt)
+        for step in range(1, n_tokens + 1):
+            last = self.logits(inputs, cache)[-1]
+            token, prob = sample(last, temperature, top_n, uniform(seed, step))
+            yield Step(step, token, prob, last)
+            if token == eot:
+                return
+            inputs = [token]

@@ -1,0 +1,245 @@
+-- gpt-sql: GPT-2 text generation as one recursive SQL query (PostgreSQL >= 15, pgvector >= 0.7).
+--
+-- The model is the one on search_path (SET search_path = gpt2_124m, public). Parameters are settings:
+--   SET gpt.prompt = 'Happy New Year!';  -- '' starts unconditionally from <|endoftext|>
+--   SET gpt.tokens = 10;                 -- new tokens (stops early at <|endoftext|>)
+--   SET gpt.temperature = 1;             -- > 0
+--   SET gpt.top_n = 5;                   -- sample among the n most likely tokens; 1 = greedy
+--   SET gpt.seed = 0;                    -- step k draws u = first 52 bits of md5('<seed>:<k>') / 2^52
+-- One row per generated token, in order, as it is produced: step, token, its bytes, its probability
+-- (softmax of logits / temperature over the whole vocabulary).
+-- Each CTE is named after its twin in runner/reference.py.
+WITH RECURSIVE
+-- params: the settings, with defaults, checked before any work
+params AS (
+    SELECT h.*, h.n_embd / h.n_head AS hd, s.*
+    FROM hparams h,
+         LATERAL (SELECT coalesce(current_setting('gpt.prompt', true), 'Happy New Year!') AS prompt,
+                         coalesce(nullif(current_setting('gpt.tokens', true), '')::int, 10) AS n_tokens,
+                         coalesce(nullif(current_setting('gpt.temperature', true), '')::float8, 1) AS temperature,
+                         coalesce(nullif(current_setting('gpt.top_n', true), '')::int, 5) AS top_n,
+                         coalesce(nullif(current_setting('gpt.seed', true), '')::bigint, 0) AS seed) s
+    WHERE CASE
+        WHEN s.n_tokens < 1 THEN raise_error(format('gpt.tokens must be at least 1, got %s', s.n_tokens))
+        WHEN NOT s.temperature > 0 OR s.temperature = 'Infinity'
+            THEN raise_error(format('gpt.temperature must be a positive number, got %s', s.temperature))
+        WHEN s.top_n NOT BETWEEN 1 AND h.n_vocab
+            THEN raise_error(format('gpt.top_n must be between 1 and %s (the vocabulary), got %s', h.n_vocab, s.top_n))
+        ELSE 0 END = 0
+),
+-- chars: the prompt's characters with their class in GPT-2's pattern: L letter, N number, S space, O other
+chars AS (
+    SELECT t.i, t.c,
+           (SELECT cc.class FROM char_classes cc WHERE cc.lo <= ascii(t.c) ORDER BY cc.lo DESC LIMIT 1) AS cls
+    FROM params, string_to_table(params.prompt, NULL) WITH ORDINALITY AS t(c, i)
+),
+-- contractions: 's 't 're 've 'm 'll 'd where an apostrophe can start a piece (not inside " '..." or "!'...")
+contractions AS (
+    SELECT i, c, cls, lag(c) OVER w AS prev_c, lag(cls) OVER w AS prev_cls, lead(cls) OVER w AS next_cls,
+           CASE WHEN c = '''' AND (lag(cls) OVER w IS NULL OR lag(cls) OVER w IN ('L', 'N')
+                                   OR (lag(cls) OVER w = 'S' AND lag(c) OVER w <> ' '))
+                THEN CASE WHEN lead(c) OVER w IN ('s', 't', 'm', 'd') THEN 2
+                          WHEN lead(c) OVER w || lead(c, 2) OVER w IN ('re', 've', 'll') THEN 3
+                          ELSE 0 END
+                ELSE 0 END AS contraction
+    FROM chars WINDOW w AS (ORDER BY i)
+),
+-- pretokenize: where GPT-2's regex starts a new piece, decided from each character's neighbours
+pretokenize AS (
+    SELECT i, c, CASE
+        WHEN prev_cls IS NULL THEN 1
+        WHEN lag(contraction) OVER w >= 2 OR lag(contraction, 2) OVER w = 3 THEN 0   -- inside a contraction
+        WHEN lag(contraction, 2) OVER w = 2 OR lag(contraction, 3) OVER w = 3 THEN 1 -- just after one
+        WHEN contraction > 0 THEN 1
+        -- \s+(?!\S) leaves the last space of a run to the next piece; \s+ takes a run at the end
+        WHEN cls = 'S' THEN (prev_cls <> 'S' OR coalesce(next_cls <> 'S', false))::int
+        WHEN prev_c = ' ' THEN 0                                                       -- " ?\p{L}+" etc.
+        ELSE (prev_cls <> cls)::int
+    END AS starts
+    FROM contractions WINDOW w AS (ORDER BY i)
+),
+pieces AS (
+    SELECT piece_no, string_agg(c, '' ORDER BY i) AS piece
+    FROM (SELECT i, c, sum(starts) OVER (ORDER BY i) AS piece_no FROM pretokenize) p GROUP BY piece_no
+),
+-- bpe: each distinct piece as byte tokens, then one merge per step (lowest rank, leftmost) until none applies
+bpe AS (
+    SELECT w.piece, ARRAY(SELECT bt.token
+                          FROM generate_series(0, length(w.utf8) - 1) AS k
+                          JOIN byte_tokens bt ON bt.byte = get_byte(w.utf8, k) ORDER BY k) AS symbols,
+           false AS done
+    FROM (SELECT DISTINCT piece, convert_to(piece, 'UTF8') AS utf8 FROM pieces) w
+    UNION ALL
+    SELECT bpe.piece,
+           CASE WHEN m.k IS NULL THEN bpe.symbols
+                ELSE bpe.symbols[:m.k - 1] || m.merged || bpe.symbols[m.k + 2:] END,
+           m.k IS NULL
+    FROM bpe LEFT JOIN LATERAL (
+        SELECT k, mg.merged
+        FROM generate_series(1, cardinality(bpe.symbols) - 1) AS k
+        JOIN merges mg ON mg.a = bpe.symbols[k] AND mg.b = bpe.symbols[k + 1]
+        ORDER BY mg.rank, k LIMIT 1) m ON true
+    WHERE NOT bpe.done
+),
+-- encode: the prompt's token ids by position; an empty prompt is <|endoftext|> alone
+encode AS (
+    SELECT row_number() OVER (ORDER BY p.piece_no, t.ord)::int - 1 AS pos, t.token
+    FROM pieces p JOIN bpe ON bpe.piece = p.piece AND bpe.done,
+         unnest(bpe.symbols) WITH ORDINALITY AS t(token, ord)
+    UNION ALL
+    SELECT 0, eot FROM params WHERE NOT EXISTS (SELECT FROM pieces)
+),
+-- prompt: the encoded prompt, if it and the new tokens fit in the context
+prompt AS (
+    SELECT e.pos, e.token
+    FROM encode e, params, (SELECT count(*) AS n FROM encode) len
+    WHERE CASE WHEN len.n + params.n_tokens > params.n_ctx
+               THEN raise_error(format('the prompt is %s tokens and %s new tokens were asked for: '
+                                       'together at most n_ctx = %s fit', len.n, params.n_tokens, params.n_ctx))
+               ELSE 0 END = 0
+),
+-- generate: each step runs the new positions through the blocks, keeping every layer's keys and values
+-- (the KV cache) in the recursive state, and samples one token. Row kinds:
+--   'token' (pos, token, prob) a prompt token (step 0) or a sampled one
+--   'k'     (layer, pos, v)    the keys of all heads at a position
+--   'v'     (layer, pos, v)    column `pos` of the values, over all positions so far (transposed cache)
+generate AS (
+    SELECT 'token' AS kind, 0 AS step, NULL::int AS layer, pos, NULL::vector AS v, token, NULL::float8 AS prob
+    FROM prompt
+    UNION ALL
+    (WITH RECURSIVE
+    state AS (SELECT * FROM generate),
+    -- inputs: the whole prompt at step 0, then the last sampled token until the end
+    inputs AS (
+        SELECT s.step, s.pos, s.token FROM state s, params
+        WHERE s.kind = 'token' AND (s.step = 0 OR (s.step < params.n_tokens AND s.token <> params.eot))
+    ),
+    -- embed: token + position embeddings
+    embed AS (
+        SELECT i.pos, wte.w + wpe.w AS x FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
+    ),
+    -- transformer_block, once per layer: x + mha(layer_norm(x)), then x + ffn(layer_norm(x))
+    blocks AS (
+        SELECT 'x' AS kind, 0 AS layer, pos, x AS v FROM embed
+        UNION ALL
+        (WITH
+        x AS (SELECT b.layer, b.pos, b.v AS x FROM blocks b, params WHERE b.kind = 'x' AND b.layer < params.n_layer),
+        ln_1_out AS MATERIALIZED (
+            SELECT x.layer, x.pos, layer_norm(x.x, ln.g, ln.b) AS h FROM x JOIN ln_1 ln ON ln.layer = x.layer
+        ),
+        -- linear(ln_1_out, c_attn): one row per (position, output column)
+        c_attn AS (
+            SELECT h.pos, w.col, inner_product(h.h, w.w) + w.b AS y
+            FROM ln_1_out h JOIN attn_c_attn w ON w.layer = h.layer
+        ),
+        q AS (
+            SELECT c.pos, c.col / p.hd AS head, array_agg(c.y ORDER BY c.col)::vector AS q
+            FROM c_attn c, params p WHERE c.col < p.n_embd GROUP BY c.pos, c.col / p.hd
+        ),
+        -- k, v: the cached positions of this layer plus the new ones
+        k AS (
+            SELECT s.pos, s.v AS k FROM state s WHERE s.kind = 'k' AND s.layer = (SELECT layer FROM x LIMIT 1)
+            UNION ALL
+            SELECT c.pos, array_agg(c.y ORDER BY c.col)::vector
+            FROM c_attn c, params p WHERE c.col >= p.n_embd AND c.col < 2 * p.n_embd GROUP BY c.pos
+        ),
+        v AS (
+            SELECT n.col, CASE WHEN s.v IS NULL THEN n.v ELSE s.v || n.v END AS v
+            FROM (SELECT c.col - 2 * p.n_embd AS col, array_agg(c.y ORDER BY c.pos)::vector AS v
+                  FROM c_attn c, params p WHERE c.col >= 2 * p.n_embd GROUP BY c.col, p.n_embd) n
+            LEFT JOIN state s ON s.kind = 'v' AND s.layer = (SELECT layer FROM x LIMIT 1) AND s.pos = n.col
+        ),
+        -- attention: softmax(q k^T / sqrt(hd) + causal mask) v, per head
+        scores AS (
+            SELECT q.pos, q.head, k.pos AS kpos,
+                   inner_product(q.q, subvector(k.k, q.head * p.hd + 1, p.hd)) / sqrt(p.hd) AS s
+            FROM q JOIN k ON k.pos <= q.pos, params p
+        ),
+        softmax AS (
+            SELECT pos, head, kpos, exp(s - max(s) OVER (PARTITION BY pos, head)) AS e FROM scores
+        ),
+        -- the weights as a vector over all positions (0 past the causal mask), normalised after the product
+        weights AS (
+            SELECT s.pos, s.head, sum(s.e) AS total,
+                   (array_agg(s.e ORDER BY s.kpos)
+                    || array_fill(0::float8, ARRAY[(SELECT max(pos) FROM k) - s.pos]))::vector AS e
+            FROM softmax s GROUP BY s.pos, s.head
+        ),
+        attention AS (
+            SELECT w.pos, array_agg(inner_product(w.e, v.v) / w.total ORDER BY v.col)::vector AS a
+            FROM weights w JOIN v ON v.col / (SELECT hd FROM params) = w.head GROUP BY w.pos
+        ),
+        -- mha: the heads' output through c_proj, added to the residual
+        mha AS (
+            SELECT x.layer, x.pos, x.x + o.y AS x
+            FROM x JOIN (
+                SELECT a.pos, array_agg(inner_product(a.a, w.w) + w.b ORDER BY w.col)::vector AS y
+                FROM attention a JOIN attn_c_proj w ON w.layer = (SELECT layer FROM x LIMIT 1) GROUP BY a.pos
+            ) o ON o.pos = x.pos
+        ),
+        ln_2_out AS MATERIALIZED (
+            SELECT m.layer, m.pos, layer_norm(m.x, ln.g, ln.b) AS h FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
+        ),
+        -- ffn: gelu(linear(ln_2_out, c_fc)); materialised so gelu reads each value once
+        c_fc AS MATERIALIZED (
+            SELECT h.pos, w.col, inner_product(h.h, w.w) + w.b AS y
+            FROM ln_2_out h JOIN mlp_c_fc w ON w.layer = h.layer
+        ),
+        -- ...in chunks of n_embd for c_proj, whose rows hold n_embd inputs each
+        hidden AS (
+            SELECT c.pos, c.col / p.n_embd AS chunk, array_agg(gelu(c.y) ORDER BY c.col)::vector AS h
+            FROM c_fc c, params p GROUP BY c.pos, c.col / p.n_embd
+        ),
+        ffn AS (
+            SELECT m.layer, m.pos, m.x + f.y AS x
+            FROM mha m JOIN (
+                SELECT pos, array_agg(y ORDER BY col)::vector AS y
+                FROM (SELECT h.pos, w.col, sum(inner_product(h.h, w.w) + w.b) AS y
+                      FROM hidden h JOIN mlp_c_proj w ON w.layer = (SELECT layer FROM x LIMIT 1) AND w.chunk = h.chunk
+                      GROUP BY h.pos, w.col) cols
+                GROUP BY pos
+            ) f ON f.pos = m.pos
+        )
+        SELECT 'x', layer + 1, pos, x FROM ffn
+        UNION ALL SELECT 'k', (SELECT layer FROM x LIMIT 1), pos, k FROM k
+        UNION ALL SELECT 'v', (SELECT layer FROM x LIMIT 1), col, v FROM v)
+    ),
+    -- ln_f of the last position only (materialised: computed once, not once per wte row)
+    last AS MATERIALIZED (
+        SELECT layer_norm(b.v, ln_f.g, ln_f.b) AS x
+        FROM blocks b, ln_f, params p WHERE b.kind = 'x' AND b.layer = p.n_layer
+        ORDER BY b.pos DESC LIMIT 1
+    ),
+    -- logits = x @ wte.T
+    logits AS MATERIALIZED (
+        SELECT wte.id, inner_product(last.x, wte.w) / p.temperature AS logit FROM last, wte, params p
+    ),
+    -- sample: the top_n tokens by logit (ties: lower id), the first whose cumulative probability exceeds u
+    top AS (
+        SELECT id, logit, row_number() OVER (ORDER BY logit DESC, id) AS rank
+        FROM (SELECT id, logit FROM logits ORDER BY logit DESC, id LIMIT (SELECT top_n FROM params)) t
+    ),
+    probs AS (
+        SELECT t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / m.total AS prob
+        FROM top t, (SELECT max(logit) AS max, sum(exp(logit - (SELECT max(logit) FROM logits))) AS total
+                     FROM logits) m
+    ),
+    sample AS (
+        SELECT s.id, s.prob
+        FROM (SELECT id, rank, prob, sum(e) OVER (ORDER BY rank) / sum(e) OVER () AS cumulative,
+                     count(*) OVER () AS n FROM probs) s,
+             (SELECT ('x' || substr(md5(p.seed || ':' || (i.step + 1)), 1, 13))::bit(52)::bigint
+                     / 4503599627370496.0 AS u
+              FROM params p, (SELECT max(step) AS step FROM inputs) i) draw
+        WHERE s.cumulative > draw.u OR s.rank = s.n
+        ORDER BY s.rank LIMIT 1
+    )
+    SELECT 'token', i.step + 1, NULL::int, i.pos + 1, NULL::vector, s.id, s.prob
+    FROM sample s, (SELECT max(step) AS step, max(pos) AS pos FROM inputs) i
+    UNION ALL
+    SELECT kind, NULL, layer, pos, v, NULL, NULL FROM blocks WHERE kind IN ('k', 'v'))
+)
+-- decode: each token's bytes (a character may span tokens: clients decode the stream incrementally)
+SELECT g.step, g.token, (SELECT t.bytes FROM tokens t WHERE t.id = g.token) AS bytes, g.prob
+FROM generate g
+WHERE g.kind = 'token' AND g.step > 0;

@@ -1,0 +1,72 @@
+-- gpt-sql: the tables one GPT-2 model is loaded into. Each model lives in its own schema (e.g. gpt2_124m);
+-- the loader runs this file with that schema first on search_path, and the query finds the model the same way.
+-- Weight matrices are stored one output column per row, so `x @ w + b` is one inner_product per row and the
+-- bias sits beside its column. Every vector is at most n_embd long and STORAGE PLAIN: an fp32 vector(768) is
+-- 3 KB, over the 2 KB TOAST threshold, and out-of-line storage triples the cost of reading a row.
+
+-- dimensions; the query reads every size from here
+CREATE TABLE hparams (
+    n_vocab int NOT NULL,
+    n_ctx   int NOT NULL,
+    n_embd  int NOT NULL,
+    n_head  int NOT NULL,
+    n_layer int NOT NULL,
+    eot     int NOT NULL,          -- id of <|endoftext|>: stops generation, starts an empty prompt
+    source  text NOT NULL,         -- the checkpoint it came from
+    n_params bigint NOT NULL,
+    loaded_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- tokenizer: token id <-> its bytes (and its string in GPT-2's byte-to-unicode alphabet)
+CREATE TABLE tokens (id int PRIMARY KEY, piece text NOT NULL, bytes bytea NOT NULL);
+-- BPE merges as token-id pairs: (a, b) -> merged, lowest rank first
+CREATE TABLE merges (a int NOT NULL, b int NOT NULL, rank int NOT NULL, merged int NOT NULL, PRIMARY KEY (a, b));
+-- the single-byte token for each byte value (GPT-2's byte<->unicode map, resolved to ids)
+CREATE TABLE byte_tokens (byte int PRIMARY KEY, token int NOT NULL);
+-- Unicode classes of GPT-2's pre-tokenizer as a partition of code points: [lo, next lo) has class
+-- L (\p{L}), N (\p{N}), S (\s) or O (anything else), computed with Python's `regex` module
+CREATE TABLE char_classes (lo int PRIMARY KEY, class text NOT NULL);
+
+-- embeddings
+CREATE TABLE wte (id int PRIMARY KEY, w vector NOT NULL);
+CREATE TABLE wpe (pos int PRIMARY KEY, w vector NOT NULL);
+
+-- layer norms; ln_f is the final one
+CREATE TABLE ln_1 (layer int PRIMARY KEY, g vector NOT NULL, b vector NOT NULL);
+CREATE TABLE ln_2 (layer int PRIMARY KEY, g vector NOT NULL, b vector NOT NULL);
+CREATE TABLE ln_f (g vector NOT NULL, b vector NOT NULL);
+
+-- attention: c_attn (n_embd -> 3 n_embd: q | k | v) and its output projection c_proj
+CREATE TABLE attn_c_attn (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
+CREATE TABLE attn_c_proj (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
+-- MLP: c_fc (n_embd -> 4 n_embd), then c_proj (4 n_embd -> n_embd) in 4 chunks of n_embd inputs;
+-- b is the column's bias on chunk 0 and 0 on the others, so sum over chunks = x @ w + b
+CREATE TABLE mlp_c_fc (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
+CREATE TABLE mlp_c_proj (layer int, col int, chunk int, w vector NOT NULL, b real NOT NULL,
+                         PRIMARY KEY (layer, col, chunk));
+
+ALTER TABLE wte ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE wpe ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE attn_c_attn ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE attn_c_proj ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE mlp_c_fc ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE mlp_c_proj ALTER COLUMN w SET STORAGE PLAIN;
+
+-- picoGPT's helpers, same names as runner/reference.py
+CREATE FUNCTION gelu(x float8) RETURNS float8
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    AS $$ SELECT 0.5 * x * (1 + tanh(sqrt(2 / pi()) * (x + 0.044715 * x * x * x))) $$;
+
+CREATE FUNCTION layer_norm(x vector, g vector, b vector) RETURNS vector
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT xc * array_fill((1 / sqrt(inner_product(xc, xc) / n + 1e-5))::real, ARRAY[n])::vector * g + b
+    FROM (SELECT x - array_fill((inner_product(x, array_fill(1::real, ARRAY[n])::vector) / n)::real,
+                                ARRAY[n])::vector AS xc, n
+          FROM (SELECT vector_dims(x) AS n) d) c
+$$;
+
+-- SQL has no RAISE; the query calls this to stop with a message a user can act on
+CREATE FUNCTION raise_error(message text) RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING MESSAGE = message, ERRCODE = '22023';
+END $$;
