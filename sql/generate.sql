@@ -21,7 +21,7 @@ params AS (
                          coalesce(nullif(current_setting('gpt.seed', true), '')::bigint, 0) AS seed) s
     WHERE CASE
         WHEN s.n_tokens < 1 THEN raise_error(format('gpt.tokens must be at least 1, got %s', s.n_tokens))
-        WHEN NOT s.temperature > 0 OR s.temperature = 'Infinity'
+        WHEN NOT s.temperature > 0 OR s.temperature IN ('Infinity', 'NaN')
             THEN raise_error(format('gpt.temperature must be a positive number, got %s', s.temperature))
         WHEN s.top_n NOT BETWEEN 1 AND h.n_vocab
             THEN raise_error(format('gpt.top_n must be between 1 and %s (the vocabulary), got %s', h.n_vocab, s.top_n))
@@ -81,18 +81,19 @@ bpe AS (
         ORDER BY mg.rank, k LIMIT 1) m ON true
     WHERE NOT bpe.done
 ),
--- encode: the prompt's token ids by position; an empty prompt is <|endoftext|> alone
+-- encode: the prompt's token ids by position
 encode AS (
     SELECT row_number() OVER (ORDER BY p.piece_no, t.ord)::int - 1 AS pos, t.token
     FROM pieces p JOIN bpe ON bpe.piece = p.piece AND bpe.done,
          unnest(bpe.symbols) WITH ORDINALITY AS t(token, ord)
-    UNION ALL
-    SELECT 0, eot FROM params WHERE NOT EXISTS (SELECT FROM pieces)
 ),
--- prompt: the encoded prompt, if it and the new tokens fit in the context
+-- prompt: the encoded prompt (an empty one is <|endoftext|> alone), if it and the new tokens fit in n_ctx
 prompt AS (
     SELECT e.pos, e.token
-    FROM encode e, params, (SELECT count(*) AS n FROM encode) len
+    FROM (SELECT pos, token FROM encode
+          UNION ALL
+          SELECT 0, eot FROM params WHERE NOT EXISTS (SELECT FROM encode)) e,
+         params, (SELECT greatest(count(*), 1) AS n FROM encode) len
     WHERE CASE WHEN len.n + params.n_tokens > params.n_ctx
                THEN raise_error(format('the prompt is %s tokens and %s new tokens were asked for: '
                                        'together at most n_ctx = %s fit', len.n, params.n_tokens, params.n_ctx))
@@ -101,6 +102,7 @@ prompt AS (
 -- generate: each step runs the new positions through the blocks, keeping every layer's keys and values
 -- (the KV cache) in the recursive state, and samples one token. Row kinds:
 --   'token' (pos, token, prob) a prompt token (step 0) or a sampled one
+--   'candidate' (token, prob)  the top_n tokens the step sampled from
 --   'k'     (layer, pos, v)    the keys of all heads at a position
 --   'v'     (layer, pos, v)    column `pos` of the values, over all positions so far (transposed cache)
 generate AS (
@@ -236,6 +238,9 @@ generate AS (
     )
     SELECT 'token', i.step + 1, NULL::int, i.pos + 1, NULL::vector, s.id, s.prob
     FROM sample s, (SELECT max(step) AS step, max(pos) AS pos FROM inputs) i
+    UNION ALL
+    SELECT 'candidate', i.step + 1, NULL, NULL, NULL, p.id, p.prob
+    FROM probs p, (SELECT max(step) AS step FROM inputs) i
     UNION ALL
     SELECT kind, NULL, layer, pos, v, NULL, NULL FROM blocks WHERE kind IN ('k', 'v'))
 )

@@ -1,0 +1,279 @@
+"""`gpt-sql`: run GPT-2 inside PostgreSQL from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+
+from . import queries
+from .db import DatabaseError, connect, embedded_uri, pgdata_dir, stop_embedded
+from .firstrun import choose_model
+from .engine import GenerationError, NumpyEngine, Params, generate_sql, next_sql, tokenize_sql
+from .models import ModelError, list_models, read_model, resolve_model
+from ..loader.checkpoint import CheckpointError, read_checkpoint
+from ..loader.load import LoadError, load
+
+USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError)
+
+
+class UsageError(Exception):
+    pass
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def temperature(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
+    return v
+
+
+def prompt_text(s: str) -> str:
+    """Command-line bytes that are not UTF-8 arrive as surrogate escapes; refuse them rather than guess."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("the prompt is not valid UTF-8")
+    if "\x00" in s:
+        raise argparse.ArgumentTypeError("the prompt contains a NUL character, which PostgreSQL text cannot hold")
+    return s
+
+
+def default_name(path: Path) -> str:
+    name = "".join(c if c.isalnum() else "_" for c in path.resolve().name.lower()).strip("_") or "model"
+    return name if not name[0].isdigit() else f"gpt2_{name}"
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+def cmd_run(a: argparse.Namespace) -> int:
+    seed = a.seed if a.seed is not None else random.randrange(2**31)
+    p = Params(a.prompt, a.tokens, a.temperature, a.top_n, seed)
+    if a.engine == "numpy":
+        engine = NumpyEngine(_numpy_checkpoint(a))
+        prompt_ids = engine.encode(a.prompt)
+        stream = engine.generate(p)
+    else:
+        conn = connect(a.dsn)
+        model = choose_model(conn, a.model)
+        prompt_ids = [t for t, _ in tokenize_sql(conn, model, a.prompt)]
+        stream = generate_sql(conn, model, p, timeout_s=a.timeout)
+    if a.json:
+        tokens, data = [], b""
+        for t in stream:
+            tokens.append(t.token)
+            data += t.bytes
+        print(json.dumps({"prompt_tokens": prompt_ids, "tokens": tokens,
+                          "text": data.decode("utf-8", errors="replace"), "seed": seed}, ensure_ascii=False))
+        return 0
+    out = sys.stdout
+    out.write(a.prompt)
+    out.flush()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for t in stream:
+        out.write(decoder.decode(t.bytes))
+        out.flush()
+    out.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+def _numpy_checkpoint(a: argparse.Namespace):
+    if a.checkpoint:
+        return read_checkpoint(a.checkpoint)
+    conn = connect(a.dsn)
+    return read_model(conn, resolve_model(conn, a.model))
+
+
+def cmd_next(a: argparse.Namespace) -> int:
+    conn = connect(a.dsn)
+    model = resolve_model(conn, a.model)
+    results = {t: next_sql(conn, model, a.prompt, a.top, t, timeout_s=a.timeout) for t in a.temperature}
+    if a.json:
+        print(json.dumps({str(t): [{"token": c.token, "text": c.bytes.decode("utf-8", errors="replace"),
+                                    "prob": c.prob} for c in cands] for t, cands in results.items()},
+                         ensure_ascii=False))
+        return 0
+    for t, cands in results.items():
+        print(f"temperature {t:g}:")
+        for c in cands:
+            print(f"  {c.prob:8.4f}  {c.token:>6}  {c.bytes.decode('utf-8', errors='replace')!r}")
+    return 0
+
+
+def cmd_tokenize(a: argparse.Namespace) -> int:
+    conn = connect(a.dsn)
+    model = resolve_model(conn, a.model)
+    if a.jsonl:
+        for n, line in enumerate(sys.stdin, 1):
+            try:
+                text = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"stdin line {n}: not JSON ({e.msg})")
+            if not isinstance(text, str):
+                raise UsageError(f"stdin line {n}: expected a JSON string")
+            print(json.dumps([t for t, _ in tokenize_sql(conn, model, text)]))
+        return 0
+    if a.text is None:
+        raise UsageError("give TEXT, or --jsonl to read JSON strings from stdin")
+    for token, data in tokenize_sql(conn, model, a.text):
+        print(f"{token:>6}  {data.decode('utf-8', errors='replace')!r}")
+    return 0
+
+
+def cmd_sql(a: argparse.Namespace) -> int:
+    sys.stdout.write(queries.query(a.variant))
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    models = list_models(connect(a.dsn))
+    if a.json:
+        print(json.dumps([m.__dict__ for m in models]))
+        return 0
+    if not models:
+        print("no models loaded; try `gpt-sql download 124M` or `gpt-sql load PATH`")
+        return 0
+    print(f"{'schema':<20} {'params':>12} {'layers':>6} {'heads':>5} {'embd':>5} {'ctx':>5} {'vocab':>6} {'size':>9}  source")
+    for m in models:
+        print(f"{m.name:<20} {m.n_params:>12,} {m.n_layer:>6} {m.n_head:>5} {m.n_embd:>5} {m.n_ctx:>5} "
+              f"{m.n_vocab:>6} {m.size_bytes / 2**20:>7.1f}MB  {m.source}")
+    return 0
+
+
+def cmd_load(a: argparse.Namespace) -> int:
+    path = Path(a.path)
+    ckpt = read_checkpoint(path)
+    name = a.name or default_name(path)
+    counts = load(connect(a.dsn), ckpt, name)
+    print(f"loaded {name}: {ckpt.n_params:,} parameters, {sum(counts.values()):,} rows")
+    return 0
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from ..loader.download import DownloadError, default_cache_dir, download
+
+    try:
+        path = download(a.size, Path(a.cache) if a.cache else default_cache_dir(), progress=sys.stderr.isatty())
+    except DownloadError as e:
+        raise UsageError(str(e))
+    print(path)
+    return 0
+
+
+def cmd_server(a: argparse.Namespace) -> int:
+    if a.action == "start":
+        print(embedded_uri(start=True))
+    elif a.action == "status":
+        uri = embedded_uri(start=False)
+        print(f"running: {uri}" if uri else f"not running (data in {pgdata_dir()})")
+    else:
+        print("stopped" if stop_embedded() else "was not running")
+    return 0
+
+
+# --- argument parsing -------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="gpt-sql", description="GPT-2 inference inside PostgreSQL, as one recursive SQL query.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, db: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        if db:
+            p.add_argument("--dsn", help="PostgreSQL connection string (default: $DATABASE_URL, PG* variables, "
+                                         "else a private embedded server)")
+        return p
+
+    p = add("run", cmd_run, "generate a completion, streamed as it is computed")
+    p.add_argument("prompt", type=prompt_text, help="the prompt ('' starts from <|endoftext|>)")
+    p.add_argument("--tokens", type=positive_int, default=10, help="new tokens (default 10)")
+    p.add_argument("--temperature", type=temperature, default=1.0, help="softmax temperature (default 1)")
+    p.add_argument("--top-n", type=positive_int, default=5, help="sample among the n most likely tokens; 1 = greedy (default 5)")
+    p.add_argument("--seed", type=int, help="seed of the draws (default: random, shown with --json)")
+    p.add_argument("--model", help="model (schema) name; default: the loaded model")
+    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
+    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
+    p.add_argument("--json", action="store_true", help="print one JSON object: prompt_tokens, tokens, text, seed")
+    p.add_argument("--timeout", type=float, help="cancel the query after this many seconds")
+
+    p = add("next", cmd_next, "the most likely next tokens and their probabilities, computed in SQL")
+    p.add_argument("prompt", type=prompt_text)
+    p.add_argument("--top", type=positive_int, default=5, help="how many tokens (default 5)")
+    p.add_argument("--temperature", type=temperature, nargs="+", default=[1.0], help="one or more temperatures")
+    p.add_argument("--model")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float)
+
+    p = add("tokenize", cmd_tokenize, "token ids of a text, from the SQL tokenizer")
+    p.add_argument("text", nargs="?", type=prompt_text)
+    p.add_argument("--jsonl", action="store_true", help="read one JSON string per stdin line, print one JSON list each")
+    p.add_argument("--model")
+
+    p = add("sql", cmd_sql, "print the query, for psql", db=False)
+    p.add_argument("variant", nargs="?", default="generate", choices=("generate", "text", "next", "tokenize"),
+                   help="generate: a row per token (default); text: the completion as one value; "
+                        "next: next-token candidates; tokenize: the prompt's tokens")
+
+    p = add("models", cmd_models, "list loaded models")
+    p.add_argument("--json", action="store_true")
+
+    p = add("load", cmd_load, "load a GPT-2 checkpoint dir (OpenAI or Hugging Face format) into PostgreSQL")
+    p.add_argument("path")
+    p.add_argument("--name", help="schema name (default: from the directory name)")
+
+    p = add("download", cmd_download, "download OpenAI's GPT-2 checkpoint", db=False)
+    p.add_argument("size", help="124M, 355M, 774M or 1558M")
+    p.add_argument("--cache", help="directory (default: the user cache dir, or $GPT_SQL_CACHE)")
+
+    p = add("server", cmd_server, "manage the embedded PostgreSQL server", db=False)
+    p.add_argument("action", choices=("status", "start", "stop"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS + (UsageError,) as e:
+        print(f"gpt-sql: error: {e}", file=sys.stderr)
+        return 1
+    except psycopg.Error as e:
+        print(f"gpt-sql: database error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gpt-sql: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

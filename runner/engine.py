@@ -1,0 +1,114 @@
+"""Run generation, next-token and tokenization in SQL (streaming from a server-side cursor) or in NumPy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import psycopg
+from psycopg import sql
+
+from . import queries
+from .db import SESSION_SETTINGS
+from .reference import Model
+from .tokenizer import Tokenizer
+from ..loader.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Params:
+    prompt: str
+    tokens: int = 10
+    temperature: float = 1.0
+    top_n: int = 5
+    seed: int = 0
+
+    def settings(self) -> dict[str, str]:
+        return {"gpt.prompt": self.prompt, "gpt.tokens": str(self.tokens), "gpt.temperature": repr(self.temperature),
+                "gpt.top_n": str(self.top_n), "gpt.seed": str(self.seed)}
+
+
+@dataclass(frozen=True)
+class Token:
+    step: int
+    token: int
+    bytes: bytes
+    prob: float
+
+
+class GenerationError(Exception):
+    """The query refused its parameters or failed on the server; the message is the server's."""
+
+
+def _prepare(conn: psycopg.Connection, model: str, settings: dict[str, str], timeout_s: float | None) -> None:
+    """Session state for one query, all LOCAL to the transaction: user text goes in as bound values only."""
+    conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(model)))
+    all_settings = {**SESSION_SETTINGS, **settings}
+    if timeout_s:
+        all_settings["statement_timeout"] = f"{int(timeout_s * 1000)}ms"
+    for name, value in all_settings.items():
+        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+
+
+def _rows(conn: psycopg.Connection, model: str, kind: str, settings: dict[str, str],
+          timeout_s: float | None = None) -> Iterator[tuple]:
+    """Rows of one query variant as the server produces them (a server-side cursor, one row per fetch)."""
+    try:
+        with conn.transaction():
+            _prepare(conn, model, settings, timeout_s)
+            with conn.cursor(name=f"gpt_sql_{kind}") as cur:
+                cur.itersize = 1
+                cur.execute(queries.query(kind))
+                yield from cur
+    except psycopg.errors.QueryCanceled:
+        raise GenerationError("the query was cancelled (statement timeout or interrupt)") from None
+    except psycopg.Error as e:
+        diag = e.diag.message_primary or str(e).strip().splitlines()[0]
+        raise GenerationError(diag) from None
+
+
+def generate_sql(conn: psycopg.Connection, model: str, p: Params, timeout_s: float | None = None) -> Iterator[Token]:
+    for step, token, data, prob in _rows(conn, model, "generate", p.settings(), timeout_s):
+        yield Token(step, token, bytes(data), prob)
+
+
+def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temperature: float,
+             timeout_s: float | None = None) -> list[Token]:
+    p = Params(prompt, tokens=1, temperature=temperature, top_n=top)
+    return [Token(1, token, bytes(data), prob)
+            for token, data, prob in _rows(conn, model, "next", p.settings(), timeout_s)]
+
+
+def tokenize_sql(conn: psycopg.Connection, model: str, text: str) -> list[tuple[int, bytes]]:
+    return [(token, bytes(data)) for _, token, data in _rows(conn, model, "tokenize", {"gpt.prompt": text})]
+
+
+class NumpyEngine:
+    """The NumPy reference over a checkpoint, with the SQL query's conventions (empty prompt, limits)."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.tokenizer = Tokenizer(ckpt.encoder, ckpt.merges)
+        self.model = Model(ckpt.hparams, ckpt.params)
+        self.eot = ckpt.encoder["<|endoftext|>"]
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt) or [self.eot]
+
+    def check(self, p: Params, n_prompt: int) -> None:
+        hp = self.ckpt.hparams
+        if p.tokens < 1:
+            raise GenerationError(f"gpt.tokens must be at least 1, got {p.tokens}")
+        if not (p.temperature > 0 and p.temperature != float("inf")):
+            raise GenerationError(f"gpt.temperature must be a positive number, got {p.temperature}")
+        if not 1 <= p.top_n <= hp["n_vocab"]:
+            raise GenerationError(f"gpt.top_n must be between 1 and {hp['n_vocab']} (the vocabulary), got {p.top_n}")
+        if n_prompt + p.tokens > hp["n_ctx"]:
+            raise GenerationError(f"the prompt is {n_prompt} tokens and {p.tokens} new tokens were asked for: "
+                                  f"together at most n_ctx = {hp['n_ctx']} fit")
+
+    def generate(self, p: Params) -> Iterator[Token]:
+        ids = self.encode(p.prompt)
+        self.check(p, len(ids))
+        for s in self.model.generate(ids, p.tokens, p.temperature, p.top_n, p.seed, eot=self.eot):
+            yield Token(s.step, s.token, self.tokenizer.token_bytes(s.token), s.prob)

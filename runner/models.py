@@ -1,0 +1,99 @@
+"""Which models are loaded, and reading one back out of its tables (for the NumPy engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from ..loader.checkpoint import Checkpoint, validate
+
+
+class ModelError(Exception):
+    """No such model, or none loaded."""
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    n_params: int
+    n_vocab: int
+    n_ctx: int
+    n_embd: int
+    n_head: int
+    n_layer: int
+    size_bytes: int
+    source: str
+
+
+def list_models(conn: psycopg.Connection) -> list[ModelInfo]:
+    """Schemas the loader made (they carry the comment 'gpt-sql model'), with their shapes and size on disk."""
+    names = [r[0] for r in conn.execute(
+        "SELECT nspname FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') = 'gpt-sql model'"
+        " ORDER BY nspname")]
+    out = []
+    for name in names:
+        row = conn.execute(sql.SQL(
+            "SELECT n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source,"
+            " (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c"
+            "  WHERE c.relnamespace = {}::regnamespace AND c.relkind = 'r')::bigint"
+            " FROM {}.hparams").format(sql.Literal(name), sql.Identifier(name))).fetchone()
+        n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source, size = row
+        out.append(ModelInfo(name, n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, size or 0, source))
+    return out
+
+
+def resolve_model(conn: psycopg.Connection, name: str | None) -> str:
+    """The schema to run: `name` if it is loaded, else the only loaded model (gpt2_124m first if several)."""
+    names = [m.name for m in list_models(conn)]
+    if name:
+        if name not in names:
+            have = ", ".join(names) if names else "none"
+            raise ModelError(f"model {name!r} is not loaded (loaded: {have}); load it with `gpt-sql load PATH --name {name}`")
+        return name
+    if not names:
+        raise ModelError("no model is loaded: run `gpt-sql download 124M` or `gpt-sql load PATH`")
+    return "gpt2_124m" if "gpt2_124m" in names else names[0]
+
+
+def read_model(conn: psycopg.Connection, name: str) -> Checkpoint:
+    """Read a loaded model's tables back into a Checkpoint, so the NumPy reference runs the very same weights."""
+    from pgvector.psycopg import register_vector
+
+    register_vector(conn)
+    s = sql.Identifier(name)
+
+    def q(query: str) -> list[tuple]:
+        return [tuple(v.to_numpy() if hasattr(v, "to_numpy") else v for v in row)
+                for row in conn.execute(sql.SQL(query).format(s=s)).fetchall()]
+
+    n_vocab, n_ctx, n_embd, n_head, n_layer, source = q(
+        "SELECT n_vocab, n_ctx, n_embd, n_head, n_layer, source FROM {s}.hparams")[0]
+    hp = {"n_vocab": n_vocab, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
+    encoder = {piece: i for i, piece in q("SELECT id, piece FROM {s}.tokens")}
+    pieces = {i: p for p, i in encoder.items()}
+    merges = [(pieces[a], pieces[b]) for a, b in q("SELECT a, b FROM {s}.merges ORDER BY rank")]
+
+    def stack(query: str) -> np.ndarray:
+        return np.stack([r[0] for r in q(query)]).astype(np.float32)
+
+    params = {"wte": stack("SELECT w FROM {s}.wte ORDER BY id"), "wpe": stack("SELECT w FROM {s}.wpe ORDER BY pos")}
+    for i in range(n_layer):
+        for ln in ("ln_1", "ln_2"):
+            g, b = q(f"SELECT g, b FROM {{s}}.{ln} WHERE layer = {i}")[0]
+            params[f"h.{i}.{ln}.g"], params[f"h.{i}.{ln}.b"] = g, b
+        for table, pname in (("attn_c_attn", "attn.c_attn"), ("attn_c_proj", "attn.c_proj"), ("mlp_c_fc", "mlp.c_fc")):
+            rows = q(f"SELECT w, b FROM {{s}}.{table} WHERE layer = {i} ORDER BY col")
+            params[f"h.{i}.{pname}.w"] = np.stack([w for w, _ in rows]).T.astype(np.float32)
+            params[f"h.{i}.{pname}.b"] = np.array([b for _, b in rows], dtype=np.float32)
+        rows = q(f"SELECT col, chunk, w, b FROM {{s}}.mlp_c_proj WHERE layer = {i} ORDER BY col, chunk")
+        w = np.zeros((4 * n_embd, n_embd), dtype=np.float32)
+        bias = np.zeros(n_embd, dtype=np.float32)
+        for col, chunk, wc, b in rows:
+            w[chunk * n_embd:(chunk + 1) * n_embd, col] = wc
+            bias[col] += b
+        params[f"h.{i}.mlp.c_proj.w"], params[f"h.{i}.mlp.c_proj.b"] = w, bias
+    params["ln_f.g"], params["ln_f.b"] = q("SELECT g, b FROM {s}.ln_f")[0]
+    return validate(Checkpoint(hp, encoder, merges, params, source=f"{source} (read back from {name})"))

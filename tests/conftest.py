@@ -1,0 +1,67 @@
+"""One real embedded PostgreSQL (with pgvector) for the whole test session, in a private data dir."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Tests never touch the user's real data dir or download cache: everything lives under one temp dir,
+# and the CLI, run in-process or as a subprocess, finds the same server through GPT_SQL_DATA.
+_TMP = Path(tempfile.mkdtemp(prefix="gpt-sql-tests-"))
+os.environ["GPT_SQL_DATA"] = str(_TMP / "data")
+os.environ["GPT_SQL_CACHE"] = str(_TMP / "cache")
+for var in ("DATABASE_URL", "PGHOST", "PGDATABASE", "PGPORT", "PGUSER"):
+    os.environ.pop(var, None)
+
+
+@pytest.fixture(scope="session")
+def dsn() -> str:
+    from gpt_sql.runner.db import embedded_uri, stop_embedded
+
+    uri = embedded_uri(start=True)
+    yield uri
+    stop_embedded()
+
+
+@pytest.fixture(scope="session")
+def conn(dsn):
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+_loaded: dict[tuple, object] = {}
+
+
+@pytest.fixture(scope="session")
+def load_tiny(conn):
+    """load_tiny(name, **shape) -> Checkpoint: a tiny random GPT-2, loaded once per session under `name`."""
+    from tiny import make_checkpoint
+    from gpt_sql.loader.load import load
+
+    def _load(name: str, **kw):
+        key = (name, tuple(sorted(kw.items())))
+        if key not in _loaded:
+            ckpt = make_checkpoint(**kw)
+            load(conn, ckpt, name, progress=False)
+            _loaded[key] = ckpt
+        return _loaded[key]
+
+    return _load
+
+
+def shared_gpt2_available() -> bool:
+    from tiny import SHARED_GPT2
+
+    return (SHARED_GPT2 / "encoder.json").exists() and (SHARED_GPT2 / "vocab.bpe").exists()
+
+
+needs_shared_gpt2 = pytest.mark.skipif(not shared_gpt2_available(),
+                                       reason="../shared/gpt2 (OpenAI's GPT-2 tokenizer files) is not present")

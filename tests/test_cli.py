@@ -1,0 +1,112 @@
+"""The `gpt-sql` command as a user runs it: a subprocess against the session's embedded server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpt_sql.runner.engine import NumpyEngine, Params
+
+TINY = dict(n_embd=32, n_head=2, n_layer=2, n_ctx=64, seed=1)
+
+
+def gpt_sql(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 120):
+    return subprocess.run([sys.executable, "-m", "gpt_sql.runner.cli", *args], capture_output=True, text=True,
+                          input=input, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def tiny(load_tiny):
+    return load_tiny("tiny_a", **TINY)
+
+
+@pytest.mark.parametrize("command", ["run", "next", "tokenize", "sql", "models", "load", "download", "server"])
+def test_help(command):
+    r = gpt_sql(command, "--help")
+    assert r.returncode == 0 and "usage: gpt-sql " + command in r.stdout
+
+
+def test_run_json_matches_numpy(tiny):
+    r = gpt_sql("run", "Happy New Year!", "--model", "tiny_a", "--tokens", "8", "--seed", "7", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    eng = NumpyEngine(tiny)
+    assert out["prompt_tokens"] == eng.encode("Happy New Year!")
+    assert out["tokens"] == [t.token for t in eng.generate(Params("Happy New Year!", 8, 1.0, 5, 7))]
+    assert out["text"] == eng.tokenizer.decode(out["tokens"])
+    np = gpt_sql("run", "Happy New Year!", "--model", "tiny_a", "--tokens", "8", "--seed", "7", "--json",
+                 "--engine", "numpy")
+    assert np.returncode == 0, np.stderr
+    assert json.loads(np.stdout)["tokens"] == out["tokens"]
+
+
+def test_run_streams_text(tiny):
+    r = gpt_sql("run", "Happy New Year!", "--model", "tiny_a", "--tokens", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    eng = NumpyEngine(tiny)
+    tokens = [t.token for t in eng.generate(Params("Happy New Year!", 5, 1.0, 5, 1))]
+    assert r.stdout == "Happy New Year!" + eng.tokenizer.decode(tokens) + "\n"
+
+
+def test_tokenize_and_jsonl(tiny):
+    eng = NumpyEngine(tiny)
+    texts = ["Happy New Year!", "", "I'M   here\n\n", "🙂 ünï"]
+    r = gpt_sql("tokenize", "--jsonl", "--model", "tiny_a", input="".join(json.dumps(t) + "\n" for t in texts))
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in r.stdout.splitlines()] == [eng.tokenizer.encode(t) for t in texts]
+    r = gpt_sql("tokenize", "Happy", "--model", "tiny_a")
+    assert r.returncode == 0 and r.stdout.split()[0] == str(eng.tokenizer.encode("Happy")[0])
+
+
+def test_next_lists_candidates(tiny):
+    r = gpt_sql("next", "I wish you a happy New", "--model", "tiny_a", "--top", "3", "--temperature", "1", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"1.0", "2.0"} and all(len(v) == 3 for v in out.values())
+    assert out["2.0"][0]["prob"] < out["1.0"][0]["prob"]  # a higher temperature flattens the distribution
+
+
+def test_models_and_sql(tiny):
+    r = gpt_sql("models", "--json")
+    assert r.returncode == 0, r.stderr
+    models = {m["name"]: m for m in json.loads(r.stdout)}
+    assert models["tiny_a"]["n_params"] == tiny.n_params and models["tiny_a"]["size_bytes"] > 0
+    for variant in ("generate", "text", "next", "tokenize"):
+        r = gpt_sql("sql", variant)
+        assert r.returncode == 0 and r.stdout.lstrip().startswith("--") and "WITH RECURSIVE" in r.stdout
+
+
+def test_load_command(tmp_path, conn):
+    from tiny import make_checkpoint
+    from gpt_sql.loader.hf_format import write_hf
+
+    ckpt = make_checkpoint(n_embd=16, n_head=2, n_layer=1, n_ctx=32, seed=11)
+    write_hf(ckpt, tmp_path / "mini")
+    r = gpt_sql("load", str(tmp_path / "mini"), "--name", "cli_mini")
+    assert r.returncode == 0, r.stderr
+    assert conn.execute("SELECT n_params FROM cli_mini.hparams").fetchone()[0] == ckpt.n_params
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "hi", "--model", "no_such_model"], "model 'no_such_model' is not loaded"),
+    (["run", "hi", "--tokens", "0"], "must be at least 1"),
+    (["run", "hi", "--temperature", "nan"], "must be a positive finite number"),
+    (["run", "hi", "--temperature", "-1"], "must be a positive finite number"),
+    (["run", "hi", "--top-n", "0"], "must be at least 1"),
+    (["run", "a\x01b\udcff"], "not valid UTF-8"),
+    (["run", "hi", "--model", "tiny_a", "--top-n", "100000"], "gpt.top_n must be between 1 and"),
+    (["run", "hi", "--model", "tiny_a", "--tokens", "1000"], "at most n_ctx = 64 fit"),
+    (["run", "hi", "--dsn", "postgresql://nobody@127.0.0.1:9/none"], "cannot connect to"),
+    (["load", "/nonexistent/checkpoint"], "no such file or directory"),
+    (["load", ".", "--name", "Bad-Name"], "not a GPT-2 checkpoint"),
+    (["download", "7B"], "7B"),
+])
+def test_errors_are_one_line(tiny, args, message):
+    r = gpt_sql(*args)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2
