@@ -46,20 +46,24 @@ def _prepare(conn: psycopg.Connection, model: str, settings: dict[str, str], tim
     all_settings = {**SESSION_SETTINGS, **settings}
     if timeout_s:
         all_settings["statement_timeout"] = f"{int(timeout_s * 1000)}ms"
-    for name, value in all_settings.items():
-        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+    conn.execute("SELECT " + ", ".join(["set_config(%s, %s, true)"] * len(all_settings)),
+                 [v for item in all_settings.items() for v in item])
 
 
 def _rows(conn: psycopg.Connection, model: str, kind: str, settings: dict[str, str],
-          timeout_s: float | None = None) -> Iterator[tuple]:
-    """Rows of one query variant as the server produces them (a server-side cursor, one row per fetch)."""
+          timeout_s: float | None = None, stream: bool = True) -> Iterator[tuple]:
+    """Rows of one query variant; with `stream`, as the server produces them (a server-side cursor, one row
+    per fetch), else all at once from a prepared statement."""
     try:
         with conn.transaction():
             _prepare(conn, model, settings, timeout_s)
-            with conn.cursor(name=f"gpt_sql_{kind}") as cur:
-                cur.itersize = 1
-                cur.execute(queries.query(kind))
-                yield from cur
+            if stream:
+                with conn.cursor(name=f"gpt_sql_{kind}") as cur:
+                    cur.itersize = 1
+                    cur.execute(queries.query(kind))
+                    yield from cur
+            else:
+                yield from conn.execute(queries.query(kind), prepare=True).fetchall()
     except psycopg.errors.QueryCanceled:
         raise GenerationError("the query was cancelled (statement timeout or interrupt)") from None
     except psycopg.Error as e:
@@ -80,7 +84,8 @@ def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temper
 
 
 def tokenize_sql(conn: psycopg.Connection, model: str, text: str) -> list[tuple[int, bytes]]:
-    return [(token, bytes(data)) for _, token, data in _rows(conn, model, "tokenize", {"gpt.prompt": text})]
+    return [(token, bytes(data))
+            for _, token, data in _rows(conn, model, "tokenize", {"gpt.prompt": text}, stream=False)]
 
 
 class NumpyEngine:

@@ -75,10 +75,10 @@ bpe AS (
                 ELSE bpe.symbols[:m.k - 1] || m.merged || bpe.symbols[m.k + 2:] END,
            m.k IS NULL
     FROM bpe LEFT JOIN LATERAL (
-        SELECT k, mg.merged
-        FROM generate_series(1, cardinality(bpe.symbols) - 1) AS k
-        JOIN merges mg ON mg.a = bpe.symbols[k] AND mg.b = bpe.symbols[k + 1]
-        ORDER BY mg.rank, k LIMIT 1) m ON true
+        SELECT pair.k, mg.merged
+        FROM unnest(bpe.symbols[:cardinality(bpe.symbols) - 1], bpe.symbols[2:]) WITH ORDINALITY AS pair(a, b, k)
+        JOIN merges mg ON mg.a = pair.a AND mg.b = pair.b
+        ORDER BY mg.rank, pair.k LIMIT 1) m ON true
     WHERE NOT bpe.done
 ),
 -- encode: the prompt's token ids by position

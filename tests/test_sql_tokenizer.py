@@ -1,0 +1,104 @@
+"""The SQL tokenizer against the reference tokenizer on the whole corpus (tests/corpus.py): 100% equal ids,
+exact round trips, and the same results whatever the database's locale."""
+
+from __future__ import annotations
+
+import collections
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+import corpus
+from conftest import shared_gpt2_available
+from gpt_sql.loader.load import load
+from gpt_sql.runner.engine import tokenize_sql
+from gpt_sql.runner.tokenizer import Tokenizer
+from tiny import make_checkpoint
+
+TINY = dict(n_embd=16, n_head=2, n_layer=1, n_ctx=32, seed=0)
+
+
+def strings() -> list[tuple[str, str]]:
+    """(category, text) for the corpus; NUL cannot be stored in PostgreSQL text, so those strings are refused
+    by the CLI (see test_cli) and left out here."""
+    return [(cat, s) for cat, ss in corpus.corpus().items() for s in ss if "\x00" not in s]
+
+
+@pytest.fixture(scope="module")
+def vocab_model(conn):
+    """The real GPT-2 tokenizer when ../shared/gpt2 is there; else the tests' trained BPE (pre-tokenization,
+    which decides most of the corner cases, does not depend on the vocabulary)."""
+    ckpt = make_checkpoint(real_tokenizer=shared_gpt2_available(), **TINY)
+    load(conn, ckpt, "tok_corpus", progress=False)
+    return Tokenizer(ckpt.encoder, ckpt.merges), ckpt
+
+
+def test_corpus_is_large_and_varied():
+    sizes = collections.Counter(cat for cat, _ in strings())
+    assert sum(sizes.values()) >= 5000
+    assert len(sizes) >= 20 and min(sizes.values()) >= 50
+
+
+def test_corpus_matches_reference_exactly(conn, vocab_model):
+    tok, _ = vocab_model
+    wrong = []
+    for cat, text in strings():
+        got = tokenize_sql(conn, "tok_corpus", text)
+        ids = [t for t, _ in got]
+        if ids != tok.encode(text):
+            wrong.append((cat, text))
+        elif b"".join(data for _, data in got) != text.encode("utf-8"):  # decode(encode(text)) == text
+            wrong.append((cat, "round trip: " + text))
+    assert not wrong, f"{len(wrong)} strings differ, e.g. {wrong[:5]}"
+
+
+@pytest.mark.parametrize("text, pieces", [
+    ("   a", ["  ", " a"]),                      # \s+(?!\S) gives back one space
+    ("abc123", ["abc", "123"]),
+    ("I'M don't", ["I", "'", "M", " don", "'t"]),  # contractions are lower case only
+    ("x 's", ["x", " '", "s"]),
+    ("\n\na", ["\n", "\n", "a"]),
+    ("a  ", ["a", "  "]),
+    ("<|endoftext|>", ["<|", "endoftext", "|>"]),  # plain text, not the special token
+])
+def test_pretokenizer_corner_cases(conn, vocab_model, text, pieces):
+    from gpt_sql.runner.tokenizer import pretokenize
+
+    assert pretokenize(text) == pieces
+    tok, _ = vocab_model
+    assert [t for t, _ in tokenize_sql(conn, "tok_corpus", text)] == tok.encode(text)
+
+
+def _locales(conn) -> list[tuple[str, str]]:
+    """(label, CREATE DATABASE options) for locales this server can create besides C."""
+    version = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()[0]
+    options = [("libc C.UTF-8", "LOCALE_PROVIDER libc LOCALE 'C.UTF-8'")]
+    if version >= 170000:
+        options.append(("builtin C.UTF-8", "LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8' LOCALE 'C'"))
+    for name in ("en_US.UTF-8", "de_DE.UTF-8"):
+        options.append((f"libc {name}", f"LOCALE_PROVIDER libc LOCALE '{name}'"))
+    return options
+
+
+def test_same_tokens_under_other_locales(conn, dsn, vocab_model):
+    tok, ckpt = vocab_model
+    sample = [text for i, (_, text) in enumerate(strings()) if i % 7 == 0]
+    tried = []
+    for label, options in _locales(conn):
+        db = "tok_" + "".join(c if c.isalnum() else "_" for c in label.lower())
+        conn.execute(f"DROP DATABASE IF EXISTS {db}")
+        try:
+            conn.execute(f"CREATE DATABASE {db} TEMPLATE template0 ENCODING 'UTF8' {options}")
+        except psycopg.Error:
+            continue  # the OS lacks that locale
+        tried.append(label)
+        try:
+            with psycopg.connect(make_conninfo(dsn, dbname=db), autocommit=True) as other:
+                load(other, ckpt, "tok_corpus", progress=False)
+                bad = [t for t in sample if [i for i, _ in tokenize_sql(other, "tok_corpus", t)] != tok.encode(t)]
+                assert not bad, f"{label}: {len(bad)} strings differ, e.g. {bad[:3]}"
+        finally:
+            conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    if not tried:
+        pytest.skip("the server could create no database with a non-C locale")
