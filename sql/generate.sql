@@ -129,27 +129,31 @@ generate AS (
         ln_1_out AS MATERIALIZED (
             SELECT x.layer, x.pos, layer_norm(x.x, ln.g, ln.b) AS h FROM x JOIN ln_1 ln ON ln.layer = x.layer
         ),
-        -- linear(ln_1_out, c_attn): one row per (position, output column)
-        c_attn AS (
-            SELECT h.pos, w.col, inner_product(h.h, w.w) + w.b AS y
-            FROM ln_1_out h JOIN attn_c_attn w ON w.layer = h.layer
+        -- linear(ln_1_out, c_attn) -> q | k | v: one inner product per output column, read in column order
+        c_attn AS MATERIALIZED (
+            SELECT h.pos, ARRAY(SELECT inner_product(h.h, w.w) + w.b FROM attn_c_attn w
+                                WHERE w.layer = h.layer ORDER BY w.col)::vector AS qkv
+            FROM ln_1_out h
         ),
         q AS (
-            SELECT c.pos, c.col / p.hd AS head, array_agg(c.y ORDER BY c.col)::vector AS q
-            FROM c_attn c, params p WHERE c.col < p.n_embd GROUP BY c.pos, c.col / p.hd
+            SELECT c.pos, head, subvector(c.qkv, head * p.hd + 1, p.hd) AS q
+            FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
         ),
         -- k, v: the cached positions of this layer plus the new ones
         k AS (
             SELECT s.pos, s.v AS k FROM state s WHERE s.kind = 'k' AND s.layer = (SELECT layer FROM x LIMIT 1)
             UNION ALL
-            SELECT c.pos, array_agg(c.y ORDER BY c.col)::vector
-            FROM c_attn c, params p WHERE c.col >= p.n_embd AND c.col < 2 * p.n_embd GROUP BY c.pos
+            SELECT c.pos, subvector(c.qkv, p.n_embd + 1, p.n_embd) FROM c_attn c, params p
         ),
         v AS (
             SELECT n.col, CASE WHEN s.v IS NULL THEN n.v ELSE s.v || n.v END AS v
-            FROM (SELECT c.col - 2 * p.n_embd AS col, array_agg(c.y ORDER BY c.pos)::vector AS v
-                  FROM c_attn c, params p WHERE c.col >= 2 * p.n_embd GROUP BY c.col, p.n_embd) n
-            LEFT JOIN state s ON s.kind = 'v' AND s.layer = (SELECT layer FROM x LIMIT 1) AND s.pos = n.col
+            FROM (SELECT t.col::int - 1 AS col, array_agg(t.y ORDER BY c.pos)::vector AS v
+                  FROM c_attn c, params p,
+                       unnest(subvector(c.qkv, 2 * p.n_embd + 1, p.n_embd)::real[]) WITH ORDINALITY AS t(y, col)
+                  GROUP BY t.col) n
+            -- every column is in n, so FULL is LEFT here; FULL rules out a nested loop over the cache
+            FULL JOIN (SELECT pos, v FROM state WHERE kind = 'v' AND layer = (SELECT layer FROM x LIMIT 1)) s
+                ON s.pos = n.col
         ),
         -- attention: softmax(q k^T / sqrt(hd) + causal mask) v, per head
         scores AS (
@@ -161,7 +165,7 @@ generate AS (
             SELECT pos, head, kpos, exp(s - max(s) OVER (PARTITION BY pos, head)) AS e FROM scores
         ),
         -- the weights as a vector over all positions (0 past the causal mask), normalised after the product
-        weights AS (
+        weights AS MATERIALIZED (
             SELECT s.pos, s.head, sum(s.e) AS total,
                    (array_agg(s.e ORDER BY s.kpos)
                     || array_fill(0::float8, ARRAY[(SELECT max(pos) FROM k) - s.pos]))::vector AS e
@@ -172,35 +176,37 @@ generate AS (
             FROM weights w JOIN v ON v.col / (SELECT hd FROM params) = w.head GROUP BY w.pos
         ),
         -- mha: the heads' output through c_proj, added to the residual
-        mha AS (
-            SELECT x.layer, x.pos, x.x + o.y AS x
-            FROM x JOIN (
-                SELECT a.pos, array_agg(inner_product(a.a, w.w) + w.b ORDER BY w.col)::vector AS y
-                FROM attention a JOIN attn_c_proj w ON w.layer = (SELECT layer FROM x LIMIT 1) GROUP BY a.pos
-            ) o ON o.pos = x.pos
+        mha AS MATERIALIZED (
+            SELECT x.layer, x.pos,
+                   x.x + ARRAY(SELECT inner_product(a.a, w.w) + w.b FROM attn_c_proj w
+                               WHERE w.layer = x.layer ORDER BY w.col)::vector AS x
+            FROM x JOIN attention a ON a.pos = x.pos
         ),
         ln_2_out AS MATERIALIZED (
             SELECT m.layer, m.pos, layer_norm(m.x, ln.g, ln.b) AS h FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
         ),
-        -- ffn: gelu(linear(ln_2_out, c_fc)); materialised so gelu reads each value once
+        -- gelu(linear(ln_2_out, c_fc)); OFFSET 0 keeps each inner product a value of its own (gelu, inlined,
+        -- reads its argument 4 times)
         c_fc AS MATERIALIZED (
-            SELECT h.pos, w.col, inner_product(h.h, w.w) + w.b AS y
-            FROM ln_2_out h JOIN mlp_c_fc w ON w.layer = h.layer
+            SELECT h.layer, h.pos,
+                   ARRAY(SELECT gelu(y) FROM (SELECT inner_product(h.h, w.w) + w.b AS y, w.col FROM mlp_c_fc w
+                                              WHERE w.layer = h.layer ORDER BY w.col OFFSET 0) c
+                         ORDER BY c.col)::vector AS h
+            FROM ln_2_out h
         ),
-        -- ...in chunks of n_embd for c_proj, whose rows hold n_embd inputs each
-        hidden AS (
-            SELECT c.pos, c.col / p.n_embd AS chunk, array_agg(gelu(c.y) ORDER BY c.col)::vector AS h
-            FROM c_fc c, params p GROUP BY c.pos, c.col / p.n_embd
+        -- ...cut into chunks of n_embd for c_proj, whose rows hold n_embd inputs
+        hidden AS MATERIALIZED (
+            SELECT f.layer, f.pos,
+                   ARRAY(SELECT subvector(f.h, c * p.n_embd + 1, p.n_embd)
+                         FROM generate_series(0, vector_dims(f.h) / p.n_embd - 1) AS c ORDER BY c) AS chunks
+            FROM c_fc f, params p
         ),
+        -- ffn: c_proj summed over the chunks, added to the residual
         ffn AS (
-            SELECT m.layer, m.pos, m.x + f.y AS x
-            FROM mha m JOIN (
-                SELECT pos, array_agg(y ORDER BY col)::vector AS y
-                FROM (SELECT h.pos, w.col, sum(inner_product(h.h, w.w) + w.b) AS y
-                      FROM hidden h JOIN mlp_c_proj w ON w.layer = (SELECT layer FROM x LIMIT 1) AND w.chunk = h.chunk
-                      GROUP BY h.pos, w.col) cols
-                GROUP BY pos
-            ) f ON f.pos = m.pos
+            SELECT m.layer, m.pos,
+                   m.x + ARRAY(SELECT sum(inner_product(h.chunks[w.chunk + 1], w.w) + w.b) FROM mlp_c_proj w
+                               WHERE w.layer = m.layer GROUP BY w.col ORDER BY w.col)::vector AS x
+            FROM mha m JOIN hidden h ON h.pos = m.pos
         )
         SELECT 'x', layer + 1, pos, x FROM ffn
         UNION ALL SELECT 'k', (SELECT layer FROM x LIMIT 1), pos, k FROM k
