@@ -12,10 +12,9 @@ from importlib import resources
 TAIL_MARKER = "-- decode:"
 
 TAILS = {
-    # the whole completion as one text value (invalid UTF-8, e.g. a character cut at the end, becomes U+FFFD)
-    "text": """-- complete: the whole completion as one text value
-SELECT convert_from(string_agg((SELECT t.bytes FROM tokens t WHERE t.id = g.token), ''::bytea ORDER BY g.step),
-                    'UTF8') AS completion
+    "text": """-- complete: the whole completion as one text value (a character cut short becomes U+FFFD)
+SELECT decode_utf8(coalesce(string_agg((SELECT t.bytes FROM tokens t WHERE t.id = g.token), ''::bytea
+                                       ORDER BY g.step), ''::bytea)) AS completion
 FROM generate g
 WHERE g.kind = 'token' AND g.step > 0;
 """,

@@ -70,3 +70,40 @@ CREATE FUNCTION raise_error(message text) RETURNS int LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION USING MESSAGE = message, ERRCODE = '22023';
 END $$;
+
+-- decode: bytes -> text the way Python's bytes.decode('utf-8', errors='replace') does it: each maximal
+-- ill-formed part (a stray byte, a character cut short, e.g. at the end of a completion) becomes U+FFFD;
+-- so does a NUL byte, which PostgreSQL text cannot hold
+CREATE FUNCTION decode_utf8(data bytea) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    WITH RECURSIVE scan(i, part) AS (
+        SELECT 0, NULL::text COLLATE "C"
+        UNION ALL
+        SELECT scan.i + step.n, step.part
+        FROM scan, LATERAL (
+            SELECT CASE WHEN c.ok = c.need THEN convert_from(substring(data FROM scan.i + 1 FOR c.need + 1), 'UTF8')
+                        ELSE U&'\FFFD' END AS part,
+                   CASE WHEN c.need < 0 THEN 1 ELSE c.ok + 1 END AS n
+            FROM (SELECT l.need, (
+                      -- how many of the needed continuation bytes follow (the first has a narrower range
+                      -- after E0, ED, F0 and F4: no overlong forms, surrogates or code points past U+10FFFF)
+                      SELECT count(*) FROM (
+                          SELECT k, bool_and(get_byte(data, scan.i + k) BETWEEN
+                                   CASE WHEN k = 1 AND l.lead = 224 THEN 160 WHEN k = 1 AND l.lead = 240 THEN 144
+                                        ELSE 128 END
+                               AND CASE WHEN k = 1 AND l.lead = 237 THEN 159 WHEN k = 1 AND l.lead = 244 THEN 143
+                                        ELSE 191 END) OVER (ORDER BY k) AS ok
+                          FROM generate_series(1, least(l.need, length(data) - scan.i - 1)) AS k) cont
+                      WHERE cont.ok)::int AS ok
+                  FROM (SELECT get_byte(data, scan.i) AS lead,
+                               CASE WHEN get_byte(data, scan.i) = 0 THEN -1  -- text cannot hold NUL
+                                    WHEN get_byte(data, scan.i) < 128 THEN 0
+                                    WHEN get_byte(data, scan.i) BETWEEN 194 AND 223 THEN 1
+                                    WHEN get_byte(data, scan.i) BETWEEN 224 AND 239 THEN 2
+                                    WHEN get_byte(data, scan.i) BETWEEN 240 AND 244 THEN 3
+                                    ELSE -1 END AS need) l) c
+        ) step
+        WHERE scan.i < length(data)
+    )
+    SELECT coalesce(string_agg(part, '' ORDER BY i), '') FROM scan WHERE part IS NOT NULL
+$$;
