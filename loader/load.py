@@ -76,11 +76,11 @@ def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tup
             for i in range(hp["n_layer"])
             for col, (w_col, b) in enumerate(zip(np.ascontiguousarray(p[f"h.{i}.{name}.w"].T), p[f"h.{i}.{name}.b"])))
     yield "mlp_c_proj", ["int4", "int4", "int4", "vector", "float4"], (
-        (i, col, chunk, w_col[chunk * d:(chunk + 1) * d], float(b) if chunk == 0 else 0.0)
+        (i, chunk, col, w_col, float(b) if chunk == 0 else 0.0)
         for i in range(hp["n_layer"])
-        for col, (w_col, b) in enumerate(zip(np.ascontiguousarray(p[f"h.{i}.mlp.c_proj.w"].T),
-                                              p[f"h.{i}.mlp.c_proj.b"]))
-        for chunk in range(4))
+        for chunk in range(4)
+        for col, (w_col, b) in enumerate(zip(np.ascontiguousarray(p[f"h.{i}.mlp.c_proj.w"][chunk * d:(chunk + 1) * d].T),
+                                              p[f"h.{i}.mlp.c_proj.b"])))
 
 
 def _copy(cur: psycopg.Cursor, table: str, types: list[str], rows: Iterable[tuple], bar: tqdm) -> int:
@@ -96,6 +96,27 @@ def _copy(cur: psycopg.Cursor, table: str, types: list[str], rows: Iterable[tupl
 
 def load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool | None = None) -> dict:
     """Load `ckpt` as schema `name`, replacing any previous version atomically. Returns row counts."""
+    phase = ["load"]
+    try:
+        return _load(conn, ckpt, name, progress, phase)
+    except psycopg.errors.InsufficientPrivilege as e:
+        msg = e.diag.message_primary or str(e).strip()
+        if msg.startswith("permission denied for database"):
+            msg = f"permission denied to create schema {name}__loading ({msg})"
+        raise LoadError(f"cannot load {name}: {msg}; models are loaded by a role that may create schemas "
+                        "(see 'Least privilege' in the README)") from None
+    except psycopg.Error as e:
+        if not conn.broken:
+            raise
+        msg = e.diag.message_primary or str(e).strip().splitlines()[0]
+        if phase[0] == "commit":
+            raise LoadError(f"lost the connection to the server while committing {name} ({msg}): "
+                            "see `gpt-sql models` for which version is loaded") from None
+        raise LoadError(f"lost the connection to the server while loading {name} ({msg}); nothing was "
+                        "committed: the previous version, if any, is unchanged") from None
+
+
+def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool | None, phase: list[str]) -> dict:
     from pgvector.psycopg import register_vector
 
     check_name(name)
@@ -110,6 +131,7 @@ def load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool |
     with conn.transaction():
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         register_vector(conn)
+        replacing = _existing(conn, name)
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
         conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(staging)))
         conn.execute(schema_sql())
@@ -131,10 +153,90 @@ def load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool |
         verify_counts(cur, counts, expected_counts(ckpt, len(merges)))
         for table in counts:
             cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
-        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        if replacing:
+            # Queries read hparams first and keep it locked to the end; locking it first here makes the swap wait
+            # for running queries of this model, and new ones wait for the swap, with no lock-order cycle
+            # (DROP ... CASCADE then takes the other tables one by one).
+            if replacing == "model":
+                cur.execute(sql.SQL("LOCK TABLE {}.hparams IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(name)))
+            copy_privileges(cur, name, staging)  # GRANTs (e.g. `gpt-sql grant`) outlive the reload
+            cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
         cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(staging), sql.Identifier(name)))
         cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS 'gpt-sql model'").format(sql.Identifier(name)))
+        phase[0] = "commit"
     return counts
+
+
+def _existing(conn: psycopg.Connection, name: str) -> str | None:
+    """"model" if `name` is a loaded model to replace ("schema" if it lacks its hparams), None if there is no
+    such schema; LoadError if it is a schema that is not a model (a reload drops the old schema with CASCADE:
+    `--name public` would take pgvector, and with it every model's vector columns)."""
+    row = conn.execute("SELECT obj_description(oid, 'pg_namespace') = 'gpt-sql model',"
+                       " EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'hparams')"
+                       " FROM pg_namespace n WHERE nspname = %s", (name,)).fetchone()
+    if row is None:
+        return None
+    if not row[0]:
+        raise LoadError(f"schema {name!r} exists and is not a gpt-sql model; load under another --name")
+    return "model" if row[1] else "schema"
+
+
+PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN",
+              "USAGE", "CREATE", "EXECUTE"}
+_ACL_QUERY = """
+SELECT 'schema', '', a.grantee, a.privilege_type, a.is_grantable
+FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
+WHERE n.nspname = %(s)s AND a.grantee <> n.nspowner
+UNION ALL
+SELECT 'table', c.relname, a.grantee, a.privilege_type, a.is_grantable
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+     aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
+WHERE n.nspname = %(s)s AND c.relkind = 'r' AND a.grantee <> c.relowner
+UNION ALL
+SELECT 'function', p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', a.grantee, a.privilege_type, a.is_grantable
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace,
+     aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+WHERE n.nspname = %(s)s AND a.grantee <> p.proowner
+"""
+
+
+def copy_privileges(cur: psycopg.Cursor, old: str, new: str) -> None:
+    """Give `new`'s schema, tables and functions the privileges the same objects of `old` have (besides their
+    owner's): the loader recreates the schema on every load, and ACLs live on the objects."""
+    def acl(schema: str) -> set[tuple]:
+        cur.execute(_ACL_QUERY, {"s": schema})
+        return {tuple(r) for r in cur.fetchall()}
+
+    before, after = acl(old), acl(new)
+    cur.execute("SELECT 'table', relname, relname, NULL FROM pg_class"
+                " WHERE relnamespace = %(s)s::regnamespace AND relkind = 'r'"
+                " UNION ALL SELECT 'function', proname || '(' || pg_get_function_identity_arguments(oid) || ')',"
+                " proname, pg_get_function_identity_arguments(oid) FROM pg_proc"
+                " WHERE pronamespace = %(s)s::regnamespace", {"s": new})
+    targets = {(kind, obj): (name, args) for kind, obj, name, args in cur.fetchall()}
+    targets[("schema", "")] = (new, None)
+    cur.execute("SELECT oid, rolname FROM pg_roles")
+    roles = dict(cur.fetchall())
+
+    def statement(verb: str, kind: str, obj: str, grantee: int, priv: str, grantable: bool):
+        if priv not in PRIVILEGES or (kind, obj) not in targets or (grantee and grantee not in roles):
+            return None
+        name, args = targets[(kind, obj)]
+        target = {"schema": sql.SQL("SCHEMA {}").format(sql.Identifier(new)),
+                  "table": sql.SQL("TABLE {}").format(sql.Identifier(new, name)),
+                  # the argument list as PostgreSQL prints it (format_type quotes what needs quoting)
+                  "function": sql.SQL("FUNCTION {}({})").format(sql.Identifier(new, name), sql.SQL(args or ""))}[kind]
+        who = sql.Identifier(roles[grantee]) if grantee else sql.SQL("PUBLIC")
+        if verb == "GRANT":
+            return sql.SQL("GRANT {} ON {} TO {}{}").format(sql.SQL(priv), target, who,
+                                                            sql.SQL(" WITH GRANT OPTION" if grantable else ""))
+        return sql.SQL("REVOKE {} ON {} FROM {}").format(sql.SQL(priv), target, who)
+
+    for verb, entries in (("REVOKE", after - before), ("GRANT", before - after)):
+        for kind, obj, grantee, priv, grantable in sorted(entries, key=str):
+            stmt = statement(verb, kind, obj, grantee, priv, grantable)
+            if stmt is not None:
+                cur.execute(stmt)
 
 
 def expected_counts(ckpt: Checkpoint, n_merges: int) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import itertools
 import json
 import math
 import random
@@ -12,16 +13,18 @@ from pathlib import Path
 from typing import Callable
 
 import psycopg
+from psycopg import sql
 
 from . import queries
 from .db import DatabaseError, connect, embedded_uri, pgdata_dir, stop_embedded
 from .firstrun import choose_model
+from .grant import GrantError, grant
 from .engine import GenerationError, NumpyEngine, Params, generate_sql, next_sql, tokenize_sql
 from .models import ModelError, list_models, read_model, resolve_model
 from ..loader.checkpoint import CheckpointError, read_checkpoint
 from ..loader.load import LoadError, load
 
-USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError)
+USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError)
 
 
 class UsageError(Exception):
@@ -48,6 +51,20 @@ def temperature(s: str) -> float:
     return v
 
 
+def timeout_seconds(s: str) -> float:
+    return temperature(s)  # the same rule: a positive finite number
+
+
+def seed_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}")
+    if not -2**63 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits (PostgreSQL bigint), got {v}")
+    return v
+
+
 def prompt_text(s: str) -> str:
     """Command-line bytes that are not UTF-8 arrive as surrogate escapes; refuse them rather than guess."""
     try:
@@ -71,37 +88,49 @@ def cmd_run(a: argparse.Namespace) -> int:
     p = Params(a.prompt, a.tokens, a.temperature, a.top_n, seed)
     if a.engine == "numpy":
         engine = NumpyEngine(_numpy_checkpoint(a))
-        prompt_ids = engine.encode(a.prompt)
         stream = engine.generate(p)
     else:
         conn = connect(a.dsn)
         model = choose_model(conn, a.model)
-        prompt_ids = [t for t, _ in tokenize_sql(conn, model, a.prompt)]
         stream = generate_sql(conn, model, p, timeout_s=a.timeout)
+    # The first token first: a refused parameter or a too long prompt fails before anything is printed.
+    stream = iter(stream)
+    first = next(stream, None)
+    tokens = itertools.chain([first] if first is not None else [], stream)
     if a.json:
-        tokens, data = [], b""
-        for t in stream:
-            tokens.append(t.token)
-            data += t.bytes
-        print(json.dumps({"prompt_tokens": prompt_ids, "tokens": tokens,
+        tokens = list(tokens)
+        data = b"".join(t.bytes for t in tokens)
+        prompt_ids = (engine.encode(a.prompt) if a.engine == "numpy"
+                      else _sql_prompt_ids(conn, model, a.prompt, a.timeout))
+        print(json.dumps({"prompt_tokens": prompt_ids, "tokens": [t.token for t in tokens],
                           "text": data.decode("utf-8", errors="replace"), "seed": seed}, ensure_ascii=False))
         return 0
     out = sys.stdout
     out.write(a.prompt)
     out.flush()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for t in stream:
+    for t in tokens:
         out.write(decoder.decode(t.bytes))
         out.flush()
     out.write(decoder.decode(b"", final=True) + "\n")
     return 0
 
 
+def _sql_prompt_ids(conn: psycopg.Connection, model: str, prompt: str, timeout: float | None) -> list[int]:
+    """The prompt's tokens as the query sees them: an empty prompt is <|endoftext|> alone, as with NumPy."""
+    ids = [t for t, _ in tokenize_sql(conn, model, prompt, timeout_s=timeout)]
+    if not ids:
+        ids = [conn.execute(sql.SQL("SELECT eot FROM {}.hparams").format(sql.Identifier(model))).fetchone()[0]]
+    return ids
+
+
 def _numpy_checkpoint(a: argparse.Namespace):
     if a.checkpoint:
         return read_checkpoint(a.checkpoint)
     conn = connect(a.dsn)
-    return read_model(conn, resolve_model(conn, a.model))
+    model = resolve_model(conn, a.model)
+    with conn.transaction():  # one version: the first read locks its hparams, so a reload waits for the rest
+        return read_model(conn, model)
 
 
 def cmd_next(a: argparse.Namespace) -> int:
@@ -131,7 +160,11 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
                 raise UsageError(f"stdin line {n}: not JSON ({e.msg})")
             if not isinstance(text, str):
                 raise UsageError(f"stdin line {n}: expected a JSON string")
-            print(json.dumps([t for t, _ in tokenize_sql(conn, model, text)]))
+            try:
+                ids = [t for t, _ in tokenize_sql(conn, model, text)]
+            except GenerationError as e:
+                raise UsageError(f"stdin line {n}: {e}")
+            print(json.dumps(ids))
         return 0
     if a.text is None:
         raise UsageError("give TEXT, or --jsonl to read JSON strings from stdin")
@@ -167,6 +200,22 @@ def cmd_load(a: argparse.Namespace) -> int:
     counts = load(connect(a.dsn), ckpt, name)
     print(f"loaded {name}: {ckpt.n_params:,} parameters, {sum(counts.values()):,} rows")
     return 0
+
+
+def cmd_grant(a: argparse.Namespace) -> int:
+    if a.login and not a.create:
+        raise UsageError("--login goes with --create (for an existing role: ALTER ROLE ... LOGIN)")
+    models = grant(connect(a.dsn), a.role, a.model, create=a.create, login=a.login, future=a.future)
+    made = f"created role {a.role} ({'LOGIN' if a.login else 'NOLOGIN'}); " if a.create else ""
+    print(f"{made}{a.role} may run {', '.join(models) if models else 'no model (none is loaded)'}"
+          f"{' and models loaded later by this role' if a.future else ''}; it cannot load or change them")
+    return 0
+
+
+def role_name(s: str) -> str:
+    if not s or "\x00" in s:
+        raise argparse.ArgumentTypeError("expected a role name")
+    return s
 
 
 def cmd_download(a: argparse.Namespace) -> int:
@@ -217,12 +266,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=positive_int, default=10, help="new tokens (default 10)")
     p.add_argument("--temperature", type=temperature, default=1.0, help="softmax temperature (default 1)")
     p.add_argument("--top-n", type=positive_int, default=5, help="sample among the n most likely tokens; 1 = greedy (default 5)")
-    p.add_argument("--seed", type=int, help="seed of the draws (default: random, shown with --json)")
+    p.add_argument("--seed", type=seed_int, help="seed of the draws (default: random, shown with --json)")
     p.add_argument("--model", help="model (schema) name; default: the loaded model")
     p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
     p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
     p.add_argument("--json", action="store_true", help="print one JSON object: prompt_tokens, tokens, text, seed")
-    p.add_argument("--timeout", type=float, help="cancel the query after this many seconds")
+    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
 
     p = add("next", cmd_next, "the most likely next tokens and their probabilities, computed in SQL")
     p.add_argument("prompt", type=prompt_text)
@@ -230,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=temperature, nargs="+", default=[1.0], help="one or more temperatures")
     p.add_argument("--model")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout", type=float)
+    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
 
     p = add("tokenize", cmd_tokenize, "token ids of a text, from the SQL tokenizer")
     p.add_argument("text", nargs="?", type=prompt_text)
@@ -248,6 +297,16 @@ def parser() -> argparse.ArgumentParser:
     p = add("load", cmd_load, "load a GPT-2 checkpoint dir (OpenAI or Hugging Face format) into PostgreSQL")
     p.add_argument("path")
     p.add_argument("--name", help="schema name (default: from the directory name)")
+
+    p = add("grant", cmd_grant, "let a role run models read-only: USAGE on their schemas and public, SELECT, EXECUTE")
+    p.add_argument("role", type=role_name, help="the role (user) to grant")
+    p.add_argument("--model", nargs="+", action="extend", metavar="NAME",
+                   help="only these models (default: every loaded model); reloads keep the grants")
+    p.add_argument("--create", action="store_true", help="create the role first (NOLOGIN unless --login)")
+    p.add_argument("--login", action="store_true", help="with --create: a role that can connect")
+    p.add_argument("--future", action="store_true",
+                   help="also models loaded later under new names, by the role running this: ALTER DEFAULT "
+                        "PRIVILEGES, which covers everything that role creates in this database")
 
     p = add("download", cmd_download, "download OpenAI's GPT-2 checkpoint", db=False)
     p.add_argument("size", help="124M, 355M, 774M or 1558M")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -11,7 +13,7 @@ from psycopg import sql
 from . import queries
 from .db import SESSION_SETTINGS
 from .reference import Model
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, pretokenize
 from ..loader.checkpoint import Checkpoint
 
 
@@ -40,38 +42,92 @@ class GenerationError(Exception):
     """The query refused its parameters or failed on the server; the message is the server's."""
 
 
+def check_text(text: str) -> None:
+    """What PostgreSQL text cannot hold, refused before it reaches the server (psycopg would fail mid-dump)."""
+    if "\x00" in text:
+        raise GenerationError("the prompt contains a NUL character, which PostgreSQL text cannot hold")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GenerationError("the prompt is not valid UTF-8 (it holds a lone surrogate)") from None
+
+
+def check_fits(conn: psycopg.Connection, model: str, prompt: str, new_tokens: int) -> None:
+    """Refuse a long prompt that cannot fit n_ctx before the query tokenizes it (seconds for 100 KB): every
+    pre-tokenizer piece is at least one token, and a token covers at most the longest token's bytes. Short
+    prompts are left to the query, which gives the exact count."""
+    data = prompt.encode("utf-8")
+    m = sql.Identifier(model)
+    try:
+        n_ctx = conn.execute(sql.SQL("SELECT n_ctx FROM {}.hparams").format(m)).fetchone()[0]
+        if len(data) <= n_ctx:
+            return
+        longest = conn.execute(sql.SQL("SELECT max(length(bytes)) FROM {}.tokens").format(m)).fetchone()[0]
+    except psycopg.Error as e:
+        raise GenerationError(e.diag.message_primary or str(e).strip().splitlines()[0]) from None
+    at_least = sum(-(-len(piece.encode("utf-8")) // longest) for piece in pretokenize(prompt))
+    if at_least + new_tokens > n_ctx:
+        raise GenerationError(f"the prompt is at least {at_least} tokens ({len(data)} bytes) and {new_tokens} new "
+                              f"tokens were asked for: together at most n_ctx = {n_ctx} fit")
+
+
 def _prepare(conn: psycopg.Connection, model: str, settings: dict[str, str], timeout_s: float | None) -> None:
     """Session state for one query, all LOCAL to the transaction: user text goes in as bound values only."""
     conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(model)))
     all_settings = {**SESSION_SETTINGS, **settings}
     if timeout_s:
-        all_settings["statement_timeout"] = f"{int(timeout_s * 1000)}ms"
+        all_settings["statement_timeout"] = _timeout_ms(timeout_s)
     conn.execute("SELECT " + ", ".join(["set_config(%s, %s, true)"] * len(all_settings)),
                  [v for item in all_settings.items() for v in item])
+
+
+def _timeout_ms(seconds: float) -> str:
+    return f"{max(1, math.ceil(seconds * 1000))}ms"  # 0 would mean no timeout at all
 
 
 def _rows(conn: psycopg.Connection, model: str, kind: str, settings: dict[str, str],
           timeout_s: float | None = None, stream: bool = True) -> Iterator[tuple]:
     """Rows of one query variant; with `stream`, as the server produces them (a server-side cursor, one row
-    per fetch), else all at once from a prepared statement."""
+    per fetch), else all at once from a prepared statement. `timeout_s` bounds the whole query: each FETCH is
+    a statement of its own, so statement_timeout is reset to what is left before each one."""
+    check_text(settings.get("gpt.prompt", ""))
+    deadline = time.monotonic() + timeout_s if timeout_s else None
     try:
         with conn.transaction():
             _prepare(conn, model, settings, timeout_s)
             if stream:
                 with conn.cursor(name=f"gpt_sql_{kind}") as cur:
-                    cur.itersize = 1
                     cur.execute(queries.query(kind))
-                    yield from cur
+                    while True:
+                        if deadline is not None:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                raise GenerationError(_timed_out(timeout_s))
+                            conn.execute("SELECT set_config('statement_timeout', %s, true)", [_timeout_ms(left)])
+                        row = cur.fetchone()
+                        if row is None:
+                            break
+                        yield row
             else:
                 yield from conn.execute(queries.query(kind), prepare=True).fetchall()
-    except psycopg.errors.QueryCanceled:
+    except psycopg.errors.QueryCanceled as e:
+        if "statement timeout" in (e.diag.message_primary or "") and timeout_s:
+            raise GenerationError(_timed_out(timeout_s)) from None
         raise GenerationError("the query was cancelled (statement timeout or interrupt)") from None
     except psycopg.Error as e:
         diag = e.diag.message_primary or str(e).strip().splitlines()[0]
+        if conn.broken:  # the server went away (stopped, crashed, or this backend was terminated)
+            raise GenerationError(f"lost the connection to the server during the query: {diag}") from None
         raise GenerationError(diag) from None
 
 
+def _timed_out(timeout_s: float) -> str:
+    return f"the query was cancelled after --timeout {timeout_s:g} s (statement timeout)"
+
+
 def generate_sql(conn: psycopg.Connection, model: str, p: Params, timeout_s: float | None = None) -> Iterator[Token]:
+    check_text(p.prompt)
+    check_fits(conn, model, p.prompt, p.tokens)
     for step, token, data, prob in _rows(conn, model, "generate", p.settings(), timeout_s):
         yield Token(step, token, bytes(data), prob)
 
@@ -79,13 +135,16 @@ def generate_sql(conn: psycopg.Connection, model: str, p: Params, timeout_s: flo
 def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temperature: float,
              timeout_s: float | None = None) -> list[Token]:
     p = Params(prompt, tokens=1, temperature=temperature, top_n=top)
+    check_text(prompt)
+    check_fits(conn, model, prompt, 1)
     return [Token(1, token, bytes(data), prob)
             for token, data, prob in _rows(conn, model, "next", p.settings(), timeout_s)]
 
 
-def tokenize_sql(conn: psycopg.Connection, model: str, text: str) -> list[tuple[int, bytes]]:
+def tokenize_sql(conn: psycopg.Connection, model: str, text: str,
+                 timeout_s: float | None = None) -> list[tuple[int, bytes]]:
     return [(token, bytes(data))
-            for _, token, data in _rows(conn, model, "tokenize", {"gpt.prompt": text}, stream=False)]
+            for _, token, data in _rows(conn, model, "tokenize", {"gpt.prompt": text}, timeout_s, stream=False)]
 
 
 class NumpyEngine:

@@ -32,7 +32,7 @@ def list_models(conn: psycopg.Connection) -> list[ModelInfo]:
     """Schemas the loader made (they carry the comment 'gpt-sql model'), with their shapes and size on disk."""
     names = [r[0] for r in conn.execute(
         "SELECT nspname FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') = 'gpt-sql model'"
-        " ORDER BY nspname")]
+        " AND has_schema_privilege(oid, 'USAGE') ORDER BY nspname")]  # a role may be granted some models only
     out = []
     for name in names:
         row = conn.execute(sql.SQL(
@@ -88,7 +88,7 @@ def read_model(conn: psycopg.Connection, name: str) -> Checkpoint:
             rows = q(f"SELECT w, b FROM {{s}}.{table} WHERE layer = {i} ORDER BY col")
             params[f"h.{i}.{pname}.w"] = np.stack([w for w, _ in rows]).T.astype(np.float32)
             params[f"h.{i}.{pname}.b"] = np.array([b for _, b in rows], dtype=np.float32)
-        rows = q(f"SELECT col, chunk, w, b FROM {{s}}.mlp_c_proj WHERE layer = {i} ORDER BY col, chunk")
+        rows = q(f"SELECT col, chunk, w, b FROM {{s}}.mlp_c_proj WHERE layer = {i} ORDER BY chunk, col")
         w = np.zeros((4 * n_embd, n_embd), dtype=np.float32)
         bias = np.zeros(n_embd, dtype=np.float32)
         for col, chunk, wc, b in rows:

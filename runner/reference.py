@@ -6,6 +6,7 @@ Each function has a twin CTE of the same name in sql/generate.sql.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -15,7 +16,9 @@ LN_EPS = 1e-5
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    # a Python float constant: np.sqrt(2 / np.pi) is a float64 scalar, which would turn the whole fp32 forward
+    # pass into float64 (and cast every weight matrix on every call)
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -38,7 +41,7 @@ def ffn(x: np.ndarray, c_fc: dict, c_proj: dict) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return softmax(q @ k.T / np.sqrt(q.shape[-1]) + mask) @ v
+    return softmax(q @ k.T / math.sqrt(q.shape[-1]) + mask) @ v
 
 
 def mha(x: np.ndarray, c_attn: dict, c_proj: dict, n_head: int, cache: dict) -> np.ndarray:

@@ -135,7 +135,7 @@ generate AS (
                                 WHERE w.layer = h.layer ORDER BY w.col)::vector AS qkv
             FROM ln_1_out h
         ),
-        q AS (
+        q AS MATERIALIZED (
             SELECT c.pos, head, subvector(c.qkv, head * p.hd + 1, p.hd) AS q
             FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
         ),
@@ -155,25 +155,30 @@ generate AS (
             FULL JOIN (SELECT pos, v FROM state WHERE kind = 'v' AND layer = (SELECT layer FROM x LIMIT 1)) s
                 ON s.pos = n.col
         ),
-        -- attention: softmax(q k^T / sqrt(hd) + causal mask) v, per head
-        scores AS (
-            SELECT q.pos, q.head, k.pos AS kpos,
-                   inner_product(q.q, subvector(k.k, q.head * p.hd + 1, p.hd)) / sqrt(p.hd) AS s
-            FROM q JOIN k ON k.pos <= q.pos, params p
+        -- attention: softmax(q k^T / sqrt(hd) + causal mask) v, per head. The scores of one (position, head)
+        -- are one array over all positions in order, -inf past the causal mask
+        scores AS MATERIALIZED (
+            SELECT q.pos, q.head,
+                   ARRAY(SELECT CASE WHEN k.pos <= q.pos
+                                     THEN inner_product(q.q, subvector(k.k, q.head * p.hd + 1, p.hd)) / sqrt(p.hd)
+                                     ELSE '-Infinity'::float8 END
+                         FROM k ORDER BY k.pos) AS s
+            FROM q, params p
         ),
-        softmax AS (
-            SELECT pos, head, kpos, exp(s - max(s) OVER (PARTITION BY pos, head)) AS e FROM scores
-        ),
-        -- the weights as a vector over all positions (0 past the causal mask), normalised after the product
+        -- softmax's numerators exp(s - max(s)) as a vector; the division by their sum waits for the product with v
         weights AS MATERIALIZED (
-            SELECT s.pos, s.head, sum(s.e) AS total,
-                   (array_agg(s.e ORDER BY s.kpos)
-                    || array_fill(0::float8, ARRAY[(SELECT max(pos) FROM k) - s.pos]))::vector AS e
-            FROM softmax s GROUP BY s.pos, s.head
+            SELECT s.pos, s.head, e.total, e.e::vector AS e
+            FROM scores s, LATERAL (SELECT max(x) AS m FROM unnest(s.s) AS x) m,
+                 LATERAL (SELECT sum(exp(u.x - m.m)) AS total, array_agg(exp(u.x - m.m) ORDER BY u.i) AS e
+                          FROM unnest(s.s) WITH ORDINALITY AS u(x, i)) e
         ),
+        -- the weights times each value column (OFFSET 0: the products are taken before the sort, which then
+        -- moves numbers rather than vectors)
         attention AS (
-            SELECT w.pos, array_agg(inner_product(w.e, v.v) / w.total ORDER BY v.col)::vector AS a
-            FROM weights w JOIN v ON v.col / (SELECT hd FROM params) = w.head GROUP BY w.pos
+            SELECT a.pos, array_agg(a.a ORDER BY a.col)::vector AS a
+            FROM (SELECT w.pos, v.col, inner_product(w.e, v.v) / w.total AS a
+                  FROM weights w JOIN v ON v.col / (SELECT hd FROM params) = w.head OFFSET 0) a
+            GROUP BY a.pos
         ),
         -- mha: the heads' output through c_proj, added to the residual
         mha AS MATERIALIZED (
@@ -196,20 +201,20 @@ generate AS (
         ),
         -- ...cut into chunks of n_embd for c_proj, whose rows hold n_embd inputs
         hidden AS MATERIALIZED (
-            SELECT f.layer, f.pos,
-                   ARRAY(SELECT subvector(f.h, c * p.n_embd + 1, p.n_embd)
-                         FROM generate_series(0, vector_dims(f.h) / p.n_embd - 1) AS c ORDER BY c) AS chunks
-            FROM c_fc f, params p
+            SELECT f.layer, f.pos, c AS chunk, subvector(f.h, c * p.n_embd + 1, p.n_embd) AS h
+            FROM c_fc f, params p, generate_series(0, vector_dims(f.h) / p.n_embd - 1) AS c
         ),
-        -- ffn: c_proj summed over the chunks, added to the residual
+        -- ffn: c_proj as one partial product per chunk, summed, added to the residual
         ffn AS (
-            SELECT m.layer, m.pos,
-                   m.x + ARRAY(SELECT sum(inner_product(h.chunks[w.chunk + 1], w.w) + w.b) FROM mlp_c_proj w
-                               WHERE w.layer = m.layer GROUP BY w.col ORDER BY w.col)::vector AS x
-            FROM mha m JOIN hidden h ON h.pos = m.pos
+            SELECT m.layer, m.pos, m.x + y.y AS x
+            FROM mha m JOIN (
+                SELECT h.pos, sum(ARRAY(SELECT inner_product(h.h, w.w) + w.b FROM mlp_c_proj w
+                                        WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector) AS y
+                FROM hidden h GROUP BY h.pos
+            ) y ON y.pos = m.pos
         )
         SELECT 'x', layer + 1, pos, x FROM ffn
-        UNION ALL SELECT 'k', (SELECT layer FROM x LIMIT 1), pos, k FROM k
+        UNION ALL SELECT 'k', (SELECT layer FROM x LIMIT 1), pos, k FROM k WHERE pos >= (SELECT min(pos) FROM x)
         UNION ALL SELECT 'v', (SELECT layer FROM x LIMIT 1), col, v FROM v)
     ),
     -- ln_f of the last position only (materialised: computed once, not once per wte row)
@@ -248,7 +253,10 @@ generate AS (
     SELECT 'candidate', i.step + 1, NULL, NULL, NULL, p.id, p.prob
     FROM probs p, (SELECT max(step) AS step FROM inputs) i
     UNION ALL
-    SELECT kind, NULL, layer, pos, v, NULL, NULL FROM blocks WHERE kind IN ('k', 'v'))
+    -- the cache: this step's keys and the values (rebuilt: one position longer), and the past keys as they were
+    SELECT kind, NULL, layer, pos, v, NULL, NULL FROM blocks WHERE kind IN ('k', 'v')
+    UNION ALL
+    SELECT kind, NULL, layer, pos, v, NULL, NULL FROM state WHERE kind = 'k' AND EXISTS (SELECT FROM inputs))
 )
 -- decode: each token's bytes (a character may span tokens: clients decode the stream incrementally)
 SELECT g.step, g.token, (SELECT t.bytes FROM tokens t WHERE t.id = g.token) AS bytes, g.prob

@@ -39,11 +39,12 @@ CREATE TABLE ln_f (g vector NOT NULL, b vector NOT NULL);
 -- attention: c_attn (n_embd -> 3 n_embd: q | k | v) and its output projection c_proj
 CREATE TABLE attn_c_attn (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
 CREATE TABLE attn_c_proj (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
--- MLP: c_fc (n_embd -> 4 n_embd), then c_proj (4 n_embd -> n_embd) in 4 chunks of n_embd inputs;
--- b is the column's bias on chunk 0 and 0 on the others, so sum over chunks = x @ w + b
+-- MLP: c_fc (n_embd -> 4 n_embd), then c_proj (4 n_embd -> n_embd) as 4 blocks of n_embd input rows, each
+-- stored one output column per row; b is the column's bias in block 0 and 0 in the others, so the sum of the
+-- blocks' products is x @ w + b
 CREATE TABLE mlp_c_fc (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
-CREATE TABLE mlp_c_proj (layer int, col int, chunk int, w vector NOT NULL, b real NOT NULL,
-                         PRIMARY KEY (layer, col, chunk));
+CREATE TABLE mlp_c_proj (layer int, chunk int, col int, w vector NOT NULL, b real NOT NULL,
+                         PRIMARY KEY (layer, chunk, col));
 
 ALTER TABLE wte ALTER COLUMN w SET STORAGE PLAIN;
 ALTER TABLE wpe ALTER COLUMN w SET STORAGE PLAIN;

@@ -99,3 +99,10 @@ def test_sql_refuses_bad_parameters(conn, load_tiny, params, message):
     load_tiny("tiny_a", **SHAPES["tiny_a"])
     with pytest.raises(GenerationError, match=message):
         list(generate_sql(conn, "tiny_a", params))
+
+
+def test_reference_stays_float32(load_tiny):
+    """A float64 constant once promoted the whole NumPy forward pass to float64: slower and not what SQL computes."""
+    ckpt = load_tiny("tiny_a", **SHAPES["tiny_a"])
+    eng = NumpyEngine(ckpt)
+    assert eng.model.logits(eng.encode("Happy New Year!"), eng.model.new_cache()).dtype == np.float32

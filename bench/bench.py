@@ -1,0 +1,143 @@
+"""Benchmark: gpt-sql on a GPT-2 124M-shaped model against the NumPy reference, side by side.
+
+    python bench/bench.py [--checkpoint DIR] [--dsn DSN] [--out bench/results]
+
+Uses real GPT-2 weights when given (or found in the download cache); otherwise random weights of exactly the
+124M shapes with OpenAI's tokenizer from ../shared/gpt2, and says so. Prints a markdown table and writes it,
+with the raw figures, to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gpt_sql.loader.checkpoint import read_checkpoint
+from gpt_sql.loader.download import default_cache_dir
+from gpt_sql.loader.load import load
+from gpt_sql.runner.db import connect
+from gpt_sql.runner.engine import NumpyEngine, Params, generate_sql
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = "bench_124m"
+
+
+def model(checkpoint: str | None):
+    if checkpoint:
+        return read_checkpoint(checkpoint), "real weights: " + checkpoint
+    cached = default_cache_dir() / "124M"
+    if (cached / "model.ckpt.index").exists():
+        return read_checkpoint(cached), f"real weights: GPT-2 124M from {cached}"
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import SHARED_GPT2, make_checkpoint
+
+    if not (SHARED_GPT2 / "encoder.json").exists():
+        sys.exit("bench: no GPT-2 checkpoint and no ../shared/gpt2 tokenizer; pass --checkpoint DIR")
+    ckpt = make_checkpoint(n_embd=768, n_head=12, n_layer=12, n_ctx=1024, real_tokenizer=True, scale=0.02, seed=0)
+    return ckpt, "RANDOM weights with the exact GPT-2 124M shapes and OpenAI's tokenizer (no real weights here)"
+
+
+def prompt_of(engine: NumpyEngine, n_tokens: int) -> str:
+    """A prompt of exactly n_tokens tokens, cut from public-domain text (or a repeated sentence)."""
+    text_file = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
+    text = text_file.read_text(encoding="utf-8") if text_file.exists() else "Happy New Year to all of you. " * 400
+    ids = engine.tokenizer.encode(text[: n_tokens * 8])[:n_tokens]
+    prompt = engine.tokenizer.decode(ids)
+    assert len(engine.tokenizer.encode(prompt)) == n_tokens, "re-tokenizing the cut changed its length"
+    return prompt
+
+
+def sql_timings(conn, prompt: str, n_new: int) -> list[float]:
+    """Seconds from the query's start to the first token (prefill), then between consecutive tokens."""
+    times, t = [], time.perf_counter()
+    for _ in generate_sql(conn, SCHEMA, Params(prompt, tokens=n_new, top_n=1)):
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    return times
+
+
+def numpy_timings(engine: NumpyEngine, prompt: str, n_new: int) -> list[float]:
+    times, t = [], time.perf_counter()
+    for _ in engine.generate(Params(prompt, tokens=n_new, top_n=1)):
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    return times
+
+
+def backend_peak_rss_mb(conn) -> float | None:
+    """Peak resident memory of this connection's backend (VmHWM), when the server runs on this machine."""
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--checkpoint", help="GPT-2 124M checkpoint dir (default: download cache, else random weights)")
+    ap.add_argument("--dsn", help="server (default: the embedded one)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="where to write bench.json and bench.md")
+    ap.add_argument("--positions", default="10,100,500", help="decode positions to time")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps timed per position (median reported)")
+    a = ap.parse_args()
+
+    ckpt, label = model(a.checkpoint)
+    engine = NumpyEngine(ckpt)
+    conn = connect(a.dsn)
+    t = time.perf_counter()
+    load(conn, ckpt, SCHEMA, progress=sys.stderr.isatty())
+    load_s = time.perf_counter() - t
+    size = int(conn.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
+                            "WHERE c.relnamespace = %s::regnamespace", (SCHEMA,)).fetchone()[0])
+    run = connect(a.dsn)  # a fresh backend, so its peak memory is this benchmark's
+    sql_timings(run, prompt_of(engine, 5), 2)  # warm the caches once
+
+    rows, raw = [], {}
+    for n in (10, 100):
+        p = prompt_of(engine, n)
+        s, np_ = sql_timings(run, p, 1)[0], numpy_timings(engine, p, 1)[0]
+        rows.append((f"prefill, {n}-token prompt", s, np_))
+        raw[f"prefill_{n}"] = {"sql_s": s, "numpy_s": np_}
+    for pos in (int(x) for x in a.positions.split(",")):
+        p = prompt_of(engine, pos)
+        s = sql_timings(run, p, a.steps + 1)[1:]
+        n_ = numpy_timings(engine, p, a.steps + 1)[1:]
+        rows.append((f"per token at position ~{pos}", statistics.median(s), statistics.median(n_)))
+        raw[f"decode_{pos}"] = {"sql_s": s, "numpy_s": n_}
+    peak = backend_peak_rss_mb(run)
+
+    lines = [f"# gpt-sql benchmark", "", f"- model: {label} ({ckpt.n_params:,} parameters)",
+             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+             f"server: {run.execute('SELECT version()').fetchone()[0].split(',')[0]}",
+             f"- load: {load_s:.1f} s; database size: {size / 2**20:.0f} MB; "
+             f"peak backend memory: {peak:.0f} MB" if peak else f"- load: {load_s:.1f} s; size {size / 2**20:.0f} MB",
+             "", "| measurement | SQL (s) | NumPy (s) | SQL/NumPy |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {s:.3f} | {n:.4f} | {s / n:.1f}x |" for name, s, n in rows]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(report)
+    (out / "bench.json").write_text(json.dumps({
+        "model": label, "n_params": ckpt.n_params, "load_s": load_s, "db_size_bytes": size,
+        "peak_backend_rss_mb": peak, "numpy_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        "rows": [{"name": n, "sql_s": s, "numpy_s": np_} for n, s, np_ in rows], "raw": raw}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
