@@ -372,17 +372,22 @@ def _start_long_run(tag: str, *extra, env: dict | None = None) -> subprocess.Pop
     return p
 
 
+def exits_with_lost_connection(p: subprocess.Popen) -> None:
+    """The run ends within 5 s of losing its server, with one line saying so."""
+    t = time.monotonic()
+    p.wait(10)
+    assert time.monotonic() - t < 5
+    one_line_error(Result(p.returncode, "", p.stderr.read().decode(), 0),
+                   "lost the connection to the server during the query")
+
+
 def test_backend_terminated_mid_generation(conn, big):
     p = _start_long_run("rel-term-run")
     try:
         pid = wait_for(lambda: active_query(conn, "rel-term-run", "") or
                        (backends(conn, "rel-term-run") or [[None]])[0][0], 5)
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        t = time.monotonic()
-        p.wait(10)
-        assert time.monotonic() - t < 5
-        one_line_error(Result(p.returncode, "", p.stderr.read().decode(), 0),
-                       "lost the connection to the server during the query")
+        exits_with_lost_connection(p)
     finally:
         p.kill()
 
@@ -474,11 +479,7 @@ def test_server_stopped_mid_generation(server_b):
         assert ready and p.stdout.read1(1), p.stderr.read().decode()
         r = cli("server", "stop", env=env)
         assert r.rc == 0 and r.out.strip() == "stopped", r
-        t = time.monotonic()
-        p.wait(10)
-        assert time.monotonic() - t < 5
-        one_line_error(Result(p.returncode, "", p.stderr.read().decode(), 0),
-                       "lost the connection to the server during the query")
+        exits_with_lost_connection(p)
     finally:
         p.kill()
     r = cli("run", "Happy New Year!", "--model", "rel_b", "--tokens", "3", "--seed", "2", "--json", env=env)
