@@ -106,3 +106,19 @@ def test_reference_stays_float32(load_tiny):
     ckpt = load_tiny("tiny_a", **SHAPES["tiny_a"])
     eng = NumpyEngine(ckpt)
     assert eng.model.logits(eng.encode("Happy New Year!"), eng.model.new_cache()).dtype == np.float32
+
+
+def test_bundled_model_matches_numpy(conn):
+    """The model that ships with gpt-sql: SQL and NumPy agree token by token, greedy and sampled."""
+    from gpt_sql.loader.checkpoint import read_checkpoint
+    from gpt_sql.loader.load import load
+    from gpt_sql.runner.firstrun import bundled_path
+
+    if not (bundled_path() / "config.json").exists():
+        pytest.skip("the bundled model is not in this checkout")
+    ckpt = read_checkpoint(bundled_path())
+    load(conn, ckpt, "bundled", progress=False)
+    for params in (Params("Happy New Year!", tokens=40, top_n=1),
+                   Params("ROMEO:", tokens=40, temperature=0.8, top_n=40, seed=3),
+                   Params("First Citizen:\nWe are", tokens=30, temperature=1.0, top_n=5, seed=11)):
+        compare(conn, "bundled", ckpt, params)

@@ -40,11 +40,26 @@ def test_corpus_is_large_and_varied():
     assert len(sizes) >= 20 and min(sizes.values()) >= 50
 
 
-def test_corpus_matches_reference_exactly(conn, vocab_model):
-    tok, _ = vocab_model
+@pytest.fixture(scope="module")
+def bundled_model(conn):
+    from gpt_sql.loader.checkpoint import read_checkpoint
+    from gpt_sql.runner.firstrun import bundled_path
+
+    if not (bundled_path() / "config.json").exists():
+        pytest.skip("the bundled model is not in this checkout")
+    ckpt = read_checkpoint(bundled_path())
+    load(conn, ckpt, "tok_bundled", progress=False)
+    return Tokenizer(ckpt.encoder, ckpt.merges), ckpt
+
+
+@pytest.mark.parametrize("which", ["vocab_model", "bundled_model"])
+def test_corpus_matches_reference_exactly(conn, request, which):
+    """GPT-2's vocabulary (or the tests' BPE), and the bundled model's own 3,000-token BPE."""
+    tok, _ = request.getfixturevalue(which)
+    schema = {"vocab_model": "tok_corpus", "bundled_model": "tok_bundled"}[which]
     wrong = []
     for cat, text in strings():
-        got = tokenize_sql(conn, "tok_corpus", text)
+        got = tokenize_sql(conn, schema, text)
         ids = [t for t, _ in got]
         if ids != tok.encode(text):
             wrong.append((cat, text))
