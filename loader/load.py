@@ -91,6 +91,8 @@ def _copy(cur: psycopg.Cursor, table: str, types: list[str], rows: Iterable[tupl
             copy.write_row(row)
             n += 1
             bar.update(sum(v.nbytes for v in row if isinstance(v, np.ndarray)))
+            if n % 4096 == 0:
+                bar.set_postfix_str(f"{table}: {n:,} rows", refresh=False)
     return n
 
 

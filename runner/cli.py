@@ -18,6 +18,7 @@ from psycopg import sql
 from . import queries
 from .db import DatabaseError, connect, embedded_uri, pgdata_dir, stop_embedded
 from .firstrun import choose_model
+from .progress import waiting
 from .grant import GrantError, grant
 from .engine import GenerationError, NumpyEngine, Params, generate_sql, next_sql, tokenize_sql
 from .models import ModelError, list_models, read_model, resolve_model
@@ -95,7 +96,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         stream = generate_sql(conn, model, p, timeout_s=a.timeout)
     # The first token first: a refused parameter or a too long prompt fails before anything is printed.
     stream = iter(stream)
-    first = next(stream, None)
+    with waiting("reading the prompt", enabled=sys.stderr.isatty() and not a.json):
+        first = next(stream, None)
     tokens = itertools.chain([first] if first is not None else [], stream)
     if a.json:
         tokens = list(tokens)

