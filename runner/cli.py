@@ -6,6 +6,7 @@ import argparse
 import codecs
 import itertools
 import json
+import logging
 import math
 import random
 import sys
@@ -321,6 +322,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Ctrl-C mid-query: psycopg cancels the query, then warns that the transaction's rollback met the
+    # cancellation still in progress ("error ignored in rollback"). The user has our one line; the server
+    # aborts the transaction either way.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except USER_ERRORS + (UsageError,) as e:

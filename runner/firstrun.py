@@ -10,7 +10,7 @@ import psycopg
 
 from ..loader.checkpoint import read_checkpoint
 from ..loader.load import load
-from .models import ModelError, list_models, resolve_model
+from .models import ModelError, model_names, resolve_model
 
 BUNDLED = "shakespeare_mini"
 
@@ -25,7 +25,7 @@ def notice(message: str) -> None:
 
 def choose_model(conn: psycopg.Connection, name: str | None) -> str:
     """--model; a loaded model; GPT-2 124M from the download cache; a download; the bundled model. Never silent."""
-    if name or list_models(conn):
+    if name or model_names(conn):
         return resolve_model(conn, name)
     from ..loader.download import DownloadError, default_cache_dir, download
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from .models import ModelError, list_models
+from .models import ModelError, model_names
 
 
 class GrantError(Exception):
@@ -27,7 +27,7 @@ class GrantError(Exception):
 def grant(conn: psycopg.Connection, role: str, models: list[str] | None = None, create: bool = False,
           login: bool = False, future: bool = False) -> list[str]:
     """Grant `role` read-only use of `models` (default: every loaded model), in one transaction. Returns them."""
-    loaded = [m.name for m in list_models(conn)]
+    loaded = model_names(conn)
     if models:
         missing = [m for m in models if m not in loaded]
         if missing:

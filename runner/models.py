@@ -28,13 +28,18 @@ class ModelInfo:
     source: str
 
 
-def list_models(conn: psycopg.Connection) -> list[ModelInfo]:
-    """Schemas the loader made (they carry the comment 'gpt-sql model'), with their shapes and size on disk."""
-    names = [r[0] for r in conn.execute(
+def model_names(conn: psycopg.Connection) -> list[str]:
+    """Schemas the loader made (they carry the comment 'gpt-sql model') that this role may use. Reads the catalog
+    only, so it does not wait behind a reload of some model, which locks that model's tables."""
+    return [r[0] for r in conn.execute(
         "SELECT nspname FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') = 'gpt-sql model'"
         " AND has_schema_privilege(oid, 'USAGE') ORDER BY nspname")]  # a role may be granted some models only
+
+
+def list_models(conn: psycopg.Connection) -> list[ModelInfo]:
+    """The models with their shapes and size on disk."""
     out = []
-    for name in names:
+    for name in model_names(conn):
         row = conn.execute(sql.SQL(
             "SELECT n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source,"
             " (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c"
@@ -47,7 +52,7 @@ def list_models(conn: psycopg.Connection) -> list[ModelInfo]:
 
 def resolve_model(conn: psycopg.Connection, name: str | None) -> str:
     """The schema to run: `name` if it is loaded, else the only loaded model (gpt2_124m first if several)."""
-    names = [m.name for m in list_models(conn)]
+    names = model_names(conn)
     if name:
         if name not in names:
             have = ", ".join(names) if names else "none"
