@@ -52,7 +52,7 @@ def test_shipped_file_is_the_runner_query():
     assert (REPO / "sql" / "generate.sql").read_text(encoding="utf-8") == queries.query("generate")
 
 
-@pytest.mark.parametrize("literal", ["768", "3072", "2304", "50256", "50257", "1024"])
+@pytest.mark.parametrize("literal", ["768", "12", "64", "3072", "2304", "50256", "50257", "1024"])
 def test_query_has_no_gpt2_constants(literal):
     """Every size comes from hparams: no GPT-2 124M dimension written into the SQL."""
     import re
