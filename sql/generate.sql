@@ -62,23 +62,37 @@ pieces AS (
     SELECT piece_no, string_agg(c, '' ORDER BY i) AS piece
     FROM (SELECT i, c, sum(starts) OVER (ORDER BY i) AS piece_no FROM pretokenize) p GROUP BY piece_no
 ),
--- bpe: each distinct piece as byte tokens, then one merge per step (lowest rank, leftmost) until none applies
+-- bpe: each distinct piece as byte tokens, then one merge per step: the lowest-ranked adjacent pair (leftmost on
+-- ties). The ranks of the adjacent pairs are kept beside the symbols (ranks[k] is that of symbols k, k+1), so a
+-- step looks up only the two pairs its merge creates
 bpe AS (
-    SELECT w.piece, ARRAY(SELECT bt.token
-                          FROM generate_series(0, length(w.utf8) - 1) AS k
-                          JOIN byte_tokens bt ON bt.byte = get_byte(w.utf8, k) ORDER BY k) AS symbols,
+    SELECT w.piece, s.symbols,
+           ARRAY(SELECT (SELECT mg.rank FROM merges mg WHERE mg.a = s.symbols[k] AND mg.b = s.symbols[k + 1])
+                 FROM generate_series(1, cardinality(s.symbols) - 1) AS k ORDER BY k) AS ranks,
            false AS done
-    FROM (SELECT DISTINCT piece, convert_to(piece, 'UTF8') AS utf8 FROM pieces) w
+    FROM (SELECT DISTINCT piece, convert_to(piece, 'UTF8') AS utf8 FROM pieces) w,
+         LATERAL (SELECT ARRAY(SELECT bt.token
+                               FROM generate_series(0, length(w.utf8) - 1) AS k
+                               JOIN byte_tokens bt ON bt.byte = get_byte(w.utf8, k) ORDER BY k) AS symbols) s
     UNION ALL
-    SELECT bpe.piece,
-           CASE WHEN m.k IS NULL THEN bpe.symbols
-                ELSE bpe.symbols[:m.k - 1] || m.merged || bpe.symbols[m.k + 2:] END,
-           m.k IS NULL
+    SELECT bpe.piece, coalesce(m.symbols, bpe.symbols), coalesce(m.ranks, bpe.ranks), m.symbols IS NULL
     FROM bpe LEFT JOIN LATERAL (
-        SELECT pair.k, mg.merged
-        FROM unnest(bpe.symbols[:cardinality(bpe.symbols) - 1], bpe.symbols[2:]) WITH ORDINALITY AS pair(a, b, k)
-        JOIN merges mg ON mg.a = pair.a AND mg.b = pair.b
-        ORDER BY mg.rank, pair.k LIMIT 1) m ON true
+        SELECT bpe.symbols[:best.k - 1] || best.merged || bpe.symbols[best.k + 2:] AS symbols,
+               bpe.ranks[:best.k - 2]
+               || CASE WHEN best.k > 1 THEN ARRAY[(SELECT mg.rank FROM merges mg
+                                                   WHERE mg.a = bpe.symbols[best.k - 1] AND mg.b = best.merged)]
+                       ELSE '{}'::int[] END
+               || CASE WHEN best.k + 2 <= cardinality(bpe.symbols)
+                       THEN ARRAY[(SELECT mg.rank FROM merges mg
+                                   WHERE mg.a = best.merged AND mg.b = bpe.symbols[best.k + 2])]
+                       ELSE '{}'::int[] END
+               || bpe.ranks[best.k + 2:] AS ranks
+        FROM (SELECT r.k::int AS k,
+                     (SELECT mg.merged FROM merges mg
+                      WHERE mg.a = bpe.symbols[r.k] AND mg.b = bpe.symbols[r.k + 1]) AS merged
+              FROM unnest(bpe.ranks) WITH ORDINALITY AS r(rank, k)
+              WHERE r.rank IS NOT NULL ORDER BY r.rank, r.k LIMIT 1) best
+    ) m ON true
     WHERE NOT bpe.done
 ),
 -- encode: the prompt's token ids by position
