@@ -110,3 +110,20 @@ def test_errors_are_one_line(tiny, args, message):
     assert r.returncode != 0
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+
+
+def test_load_openai_format_and_generate(tmp_path):
+    """OpenAI's checkpoint layout (TF tensor bundle, hparams.json, encoder.json, vocab.bpe) through `gpt-sql load`
+    to a generation equal to NumPy's on the original weights."""
+    pytest.importorskip("tensorflow", reason="writing a TF checkpoint needs the [tf] extra")
+    from tiny import make_checkpoint
+    from gpt_sql.loader.openai_format import write_openai
+
+    ckpt = make_checkpoint(n_embd=32, n_head=4, n_layer=2, n_ctx=64, seed=21)
+    write_openai(ckpt, tmp_path / "124M-like")
+    r = gpt_sql("load", str(tmp_path / "124M-like"), "--name", "cli_openai")
+    assert r.returncode == 0, r.stderr
+    r = gpt_sql("run", "Happy New Year!", "--model", "cli_openai", "--tokens", "8", "--seed", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    expected = [t.token for t in NumpyEngine(ckpt).generate(Params("Happy New Year!", 8, 1.0, 5, 5))]
+    assert json.loads(r.stdout)["tokens"] == expected
