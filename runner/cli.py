@@ -21,7 +21,7 @@ from .db import DatabaseError, connect, embedded_uri, pgdata_dir, stop_embedded
 from .firstrun import choose_model
 from .progress import waiting
 from .grant import GrantError, grant
-from .engine import GenerationError, NumpyEngine, Params, generate_sql, next_sql, tokenize_sql
+from .engine import GenerationError, NumpyEngine, Params, check_text, generate_sql, next_sql, tokenize_sql
 from .models import ModelError, list_models, read_model, resolve_model
 from ..loader.checkpoint import CheckpointError, read_checkpoint
 from ..loader.load import LoadError, load
@@ -70,11 +70,9 @@ def seed_int(s: str) -> int:
 def prompt_text(s: str) -> str:
     """Command-line bytes that are not UTF-8 arrive as surrogate escapes; refuse them rather than guess."""
     try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("the prompt is not valid UTF-8")
-    if "\x00" in s:
-        raise argparse.ArgumentTypeError("the prompt contains a NUL character, which PostgreSQL text cannot hold")
+        check_text(s)
+    except GenerationError as e:
+        raise argparse.ArgumentTypeError(str(e))
     return s
 
 

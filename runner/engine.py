@@ -56,6 +56,7 @@ def check_fits(conn: psycopg.Connection, model: str, prompt: str, new_tokens: in
     """Refuse a long prompt that cannot fit n_ctx before the query tokenizes it (seconds for 100 KB): every
     pre-tokenizer piece is at least one token, and a token covers at most the longest token's bytes. Short
     prompts are left to the query, which gives the exact count."""
+    check_text(prompt)
     data = prompt.encode("utf-8")
     m = sql.Identifier(model)
     try:
@@ -126,7 +127,6 @@ def _timed_out(timeout_s: float) -> str:
 
 
 def generate_sql(conn: psycopg.Connection, model: str, p: Params, timeout_s: float | None = None) -> Iterator[Token]:
-    check_text(p.prompt)
     check_fits(conn, model, p.prompt, p.tokens)
     for step, token, data, prob in _rows(conn, model, "generate", p.settings(), timeout_s):
         yield Token(step, token, bytes(data), prob)
@@ -135,7 +135,6 @@ def generate_sql(conn: psycopg.Connection, model: str, p: Params, timeout_s: flo
 def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temperature: float,
              timeout_s: float | None = None) -> list[Token]:
     p = Params(prompt, tokens=1, temperature=temperature, top_n=top)
-    check_text(prompt)
     check_fits(conn, model, prompt, 1)
     return [Token(1, token, bytes(data), prob)
             for token, data, prob in _rows(conn, model, "next", p.settings(), timeout_s)]

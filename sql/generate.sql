@@ -246,10 +246,11 @@ generate AS (
         SELECT id, logit, row_number() OVER (ORDER BY logit DESC, id) AS rank
         FROM (SELECT id, logit FROM logits ORDER BY logit DESC, id LIMIT (SELECT top_n FROM params)) t
     ),
+    -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass
     probs AS (
-        SELECT t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / m.total AS prob
-        FROM top t, (SELECT max(logit) AS max, sum(exp(logit - (SELECT max(logit) FROM logits))) AS total
-                     FROM logits) m
+        SELECT t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / z.total AS prob
+        FROM top t, (SELECT logit AS max FROM top WHERE rank = 1) m,
+             LATERAL (SELECT sum(exp(l.logit - m.max)) AS total FROM logits l) z
     ),
     sample AS (
         SELECT s.id, s.prob
