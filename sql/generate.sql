@@ -115,12 +115,15 @@ prompt AS (
 ),
 -- generate: each step runs the new positions through the blocks, keeping every layer's keys and values
 -- (the KV cache) in the recursive state, and samples one token. Row kinds:
---   'token' (pos, token, prob) a prompt token (step 0) or a sampled one
---   'candidate' (token, prob)  the top_n tokens the step sampled from
---   'k'     (layer, pos, v)    the keys of all heads at a position
---   'v'     (layer, pos, v)    column `pos` of the values, over all positions so far (transposed cache)
+--   'token'     (step, pos, token, prob) a prompt token (step 0) or a sampled one
+--   'candidate' (step, token, prob)      the top_n tokens the step sampled from
+--   'k'         (layer, head, vs)        the head's keys: one hd-vector per position so far
+--   'v'         (layer, head, vs)        the head's values transposed: one vector over the positions so far per column
+-- Within a step, the new positions travel together: activations are one vector[] (a vector per position), so
+-- each weight row is read once per layer and multiplied with every new position while it is at hand.
 generate AS (
-    SELECT 'token' AS kind, 0 AS step, NULL::int AS layer, pos, NULL::vector AS v, token, NULL::float8 AS prob
+    SELECT 'token' AS kind, 0 AS step, NULL::int AS layer, NULL::int AS head, pos, token, NULL::float8 AS prob,
+           NULL::vector[] AS vs
     FROM prompt
     UNION ALL
     (WITH RECURSIVE
@@ -130,112 +133,139 @@ generate AS (
         SELECT s.step, s.pos, s.token FROM state s, params
         WHERE s.kind = 'token' AND (s.step = 0 OR (s.step < params.n_tokens AND s.token <> params.eot))
     ),
-    -- embed: token + position embeddings
+    -- embed: token + position embeddings of the new positions, in order; n_past positions are in the cache
     embed AS (
-        SELECT i.pos, wte.w + wpe.w AS x FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
+        SELECT min(i.pos) AS n_past, array_agg(wte.w + wpe.w ORDER BY i.pos) AS xs
+        FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
     ),
     -- transformer_block, once per layer: x + mha(layer_norm(x)), then x + ffn(layer_norm(x))
     blocks AS (
-        SELECT 'x' AS kind, 0 AS layer, pos, x AS v FROM embed
+        SELECT 'x' AS kind, 0 AS layer, NULL::int AS head, xs AS vs FROM embed WHERE xs IS NOT NULL
         UNION ALL
         (WITH
-        x AS (SELECT b.layer, b.pos, b.v AS x FROM blocks b, params WHERE b.kind = 'x' AND b.layer < params.n_layer),
+        x AS (SELECT b.layer, b.vs AS xs FROM blocks b, params WHERE b.kind = 'x' AND b.layer < params.n_layer),
         ln_1_out AS MATERIALIZED (
-            SELECT x.layer, x.pos, layer_norm(x.x, ln.g, ln.b) AS h FROM x JOIN ln_1 ln ON ln.layer = x.layer
+            SELECT x.layer, ARRAY(SELECT layer_norm(u.x, ln.g, ln.b) FROM unnest(x.xs) WITH ORDINALITY u(x, p)
+                                  ORDER BY u.p) AS hs
+            FROM x JOIN ln_1 ln ON ln.layer = x.layer
         ),
-        -- linear(ln_1_out, c_attn) -> q | k | v: one inner product per output column, read in column order
+        -- linear(ln_1_out, c_attn) -> q | k | v, one vector per new position. Every linear has this form: one
+        -- ordered scan of the layer's weight rows (one output column each) and, per row, its products with all
+        -- new positions while the row is at hand. With several positions the products make a matrix y[col][pos]
+        -- (2-D real[]), cut into the positions' vectors by columns_of; unnest in the select list streams the
+        -- positions in array order (in FROM it would copy every position's vector for every row). A single
+        -- position (every decode step) skips the matrix: its vector is the column-ordered array itself.
         c_attn AS MATERIALIZED (
-            SELECT h.pos, ARRAY(SELECT inner_product(h.h, w.w) + w.b FROM attn_c_attn w
-                                WHERE w.layer = h.layer ORDER BY w.col)::vector AS qkv
+            SELECT CASE WHEN cardinality(h.hs) = 1
+                   THEN ARRAY[ARRAY(SELECT inner_product(h.hs[1], w.w) + w.b
+                                    FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector]
+                   ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
+                                         FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
             FROM ln_1_out h
         ),
-        q AS MATERIALIZED (
-            SELECT c.pos, head, subvector(c.qkv, head * p.hd + 1, p.hd) AS q
+        -- split_heads: q and k of each head as one hd-vector per new position; v as one vector over the new
+        -- positions per column (the cache keeps values transposed)
+        qkv AS MATERIALIZED (
+            SELECT head, ARRAY(SELECT subvector(unnest(c.ys), head * p.hd + 1, p.hd)) AS q,
+                   ARRAY(SELECT subvector(unnest(c.ys), p.n_embd + head * p.hd + 1, p.hd)) AS k,
+                   CASE WHEN cardinality(c.ys) = 1
+                        THEN ARRAY(SELECT subvector(c.ys[1], 2 * p.n_embd + head * p.hd + j, 1)
+                                   FROM generate_series(1, p.hd) AS j ORDER BY j)
+                        ELSE columns_of(ARRAY(SELECT subvector(unnest(c.ys), 2 * p.n_embd + head * p.hd + 1, p.hd)::real[]))
+                   END AS v
             FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
         ),
-        -- k, v: the cached positions of this layer plus the new ones
-        k AS (
-            SELECT s.pos, s.v AS k FROM state s WHERE s.kind = 'k' AND s.layer = (SELECT layer FROM x LIMIT 1)
-            UNION ALL
-            SELECT c.pos, subvector(c.qkv, p.n_embd + 1, p.n_embd) FROM c_attn c, params p
+        -- k, v: this layer's cache followed by the new positions
+        kv AS MATERIALIZED (
+            SELECT n.head, coalesce(ck.vs, '{}') || n.k AS k,
+                   CASE WHEN cv.vs IS NULL THEN n.v
+                        ELSE ARRAY(SELECT u.old || u.new FROM unnest(cv.vs, n.v) WITH ORDINALITY u(old, new, j)
+                                   ORDER BY u.j) END AS v
+            FROM qkv n
+            LEFT JOIN state ck ON ck.kind = 'k' AND ck.layer = (SELECT layer FROM x) AND ck.head = n.head
+            LEFT JOIN state cv ON cv.kind = 'v' AND cv.layer = (SELECT layer FROM x) AND cv.head = n.head
         ),
-        v AS (
-            SELECT n.col, CASE WHEN s.v IS NULL THEN n.v ELSE s.v || n.v END AS v
-            FROM (SELECT t.col::int - 1 AS col, array_agg(t.y ORDER BY c.pos)::vector AS v
-                  FROM c_attn c, params p,
-                       unnest(subvector(c.qkv, 2 * p.n_embd + 1, p.n_embd)::real[]) WITH ORDINALITY AS t(y, col)
-                  GROUP BY t.col) n
-            -- every column is in n, so FULL is LEFT here; FULL rules out a nested loop over the cache
-            FULL JOIN (SELECT pos, v FROM state WHERE kind = 'v' AND layer = (SELECT layer FROM x LIMIT 1)) s
-                ON s.pos = n.col
+        -- attention: softmax(q k^T / sqrt(hd) + causal mask) v, one row per head holding all its new positions'
+        -- outputs (o[position][column]). A position sees the cached ones and the new ones up to itself: the
+        -- causal mask is the LIMIT on its scores, and the weights past it are zeros
+        attention AS MATERIALIZED (
+            SELECT kv.head, ARRAY(
+                       SELECT ARRAY(SELECT (inner_product(weights.e, unnest(kv.v)) / weights.total)::real)
+                       FROM unnest(n.q) WITH ORDINALITY AS q(q, p),
+                            LATERAL (SELECT ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
+                                                  FROM (SELECT unnest(kv.k) AS k) k LIMIT e.n_past + q.p) AS s) scores,
+                            LATERAL (SELECT max(s) AS max FROM unnest(scores.s) AS s) m,
+                            LATERAL (SELECT ARRAY(SELECT exp(unnest(scores.s) - m.max)) AS e) x,
+                            -- softmax's numerators as a vector over all positions; the division by their sum
+                            -- waits for the product with v
+                            LATERAL (SELECT (x.e || array_fill(0::float8, ARRAY[cardinality(kv.k) - cardinality(x.e)]))::vector AS e,
+                                            (SELECT sum(y) FROM unnest(x.e) AS y) AS total) weights
+                       ORDER BY q.p) AS o
+            FROM kv JOIN qkv n ON n.head = kv.head, embed e, params pr
         ),
-        -- attention: softmax(q k^T / sqrt(hd) + causal mask) v, per head. The scores of one (position, head)
-        -- are one array over all positions in order, -inf past the causal mask
-        scores AS MATERIALIZED (
-            SELECT q.pos, q.head,
-                   ARRAY(SELECT CASE WHEN k.pos <= q.pos
-                                     THEN inner_product(q.q, subvector(k.k, q.head * p.hd + 1, p.hd)) / sqrt(p.hd)
-                                     ELSE '-Infinity'::float8 END
-                         FROM k ORDER BY k.pos) AS s
-            FROM q, params p
-        ),
-        -- softmax's numerators exp(s - max(s)) as a vector; the division by their sum waits for the product with v
-        weights AS MATERIALIZED (
-            SELECT s.pos, s.head, e.total, e.e::vector AS e
-            FROM scores s, LATERAL (SELECT max(x) AS m FROM unnest(s.s) AS x) m,
-                 LATERAL (SELECT sum(exp(u.x - m.m)) AS total, array_agg(exp(u.x - m.m) ORDER BY u.i) AS e
-                          FROM unnest(s.s) WITH ORDINALITY AS u(x, i)) e
-        ),
-        -- the weights times each value column (OFFSET 0: the products are taken before the sort, which then
-        -- moves numbers rather than vectors)
-        attention AS (
-            SELECT a.pos, array_agg(a.a ORDER BY a.col)::vector AS a
-            FROM (SELECT w.pos, v.col, inner_product(w.e, v.v) / w.total AS a
-                  FROM weights w JOIN v ON v.col / (SELECT hd FROM params) = w.head OFFSET 0) a
-            GROUP BY a.pos
+        -- merge_heads: per new position, the heads' outputs side by side
+        merge_heads AS MATERIALIZED (
+            SELECT ARRAY(SELECT ARRAY(SELECT unnest(a.o[p:p][:]) FROM attention a ORDER BY a.head)::vector
+                         FROM generate_series(1, cardinality(x.xs)) AS p ORDER BY p) AS a
+            FROM x
         ),
         -- mha: the heads' output through c_proj, added to the residual
         mha AS MATERIALIZED (
-            SELECT x.layer, x.pos,
-                   x.x + ARRAY(SELECT inner_product(a.a, w.w) + w.b FROM attn_c_proj w
-                               WHERE w.layer = x.layer ORDER BY w.col)::vector AS x
-            FROM x JOIN attention a ON a.pos = x.pos
+            SELECT x.layer, ARRAY(SELECT u.x + u.y FROM unnest(x.xs, y.ys) WITH ORDINALITY u(x, y, p) ORDER BY u.p) AS xs
+            FROM x, merge_heads a, LATERAL (
+                SELECT CASE WHEN cardinality(a.a) = 1
+                       THEN ARRAY[ARRAY(SELECT inner_product(a.a[1], w.w) + w.b
+                                        FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector]
+                       ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(a.a), w.w) + w.b)::real)
+                                             FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)) END AS ys) y
         ),
         ln_2_out AS MATERIALIZED (
-            SELECT m.layer, m.pos, layer_norm(m.x, ln.g, ln.b) AS h FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
+            SELECT m.layer, ARRAY(SELECT layer_norm(u.x, ln.g, ln.b) FROM unnest(m.xs) WITH ORDINALITY u(x, p)
+                                  ORDER BY u.p) AS hs
+            FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
         ),
         -- gelu(linear(ln_2_out, c_fc)); OFFSET 0 keeps each inner product a value of its own (gelu, inlined,
         -- reads its argument 4 times)
         c_fc AS MATERIALIZED (
-            SELECT h.layer, h.pos,
-                   ARRAY(SELECT gelu(y) FROM (SELECT inner_product(h.h, w.w) + w.b AS y, w.col FROM mlp_c_fc w
-                                              WHERE w.layer = h.layer ORDER BY w.col OFFSET 0) c
-                         ORDER BY c.col)::vector AS h
+            SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
+                   THEN ARRAY[ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(h.hs[1], w.w) + w.b AS y, w.col
+                                                            FROM mlp_c_fc w WHERE w.layer = h.layer
+                                                            ORDER BY w.col OFFSET 0) c ORDER BY c.col)::vector]
+                   ELSE columns_of(ARRAY(SELECT ARRAY(SELECT gelu(c.y)::real
+                                                      FROM (SELECT inner_product(unnest(h.hs), w.w) + w.b AS y OFFSET 0) c)
+                                         FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
             FROM ln_2_out h
         ),
         -- ...cut into chunks of n_embd for c_proj, whose rows hold n_embd inputs
         hidden AS MATERIALIZED (
-            SELECT f.layer, f.pos, c AS chunk, subvector(f.h, c * p.n_embd + 1, p.n_embd) AS h
-            FROM c_fc f, params p, generate_series(0, vector_dims(f.h) / p.n_embd - 1) AS c
+            SELECT f.layer, c AS chunk, ARRAY(SELECT subvector(unnest(f.ys), c * p.n_embd + 1, p.n_embd)) AS hs
+            FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.n_embd - 1) AS c
         ),
-        -- ffn: c_proj as one partial product per chunk, summed, added to the residual
+        -- c_proj as one partial product per chunk
+        c_proj AS MATERIALIZED (
+            SELECT CASE WHEN cardinality(h.hs) = 1
+                   THEN ARRAY[ARRAY(SELECT inner_product(h.hs[1], w.w) + w.b FROM mlp_c_proj w
+                                    WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector]
+                   ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
+                                         FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
+                                         ORDER BY w.col)) END AS ys
+            FROM hidden h
+        ),
+        -- ffn: the chunks' partial products summed, added to the residual
         ffn AS (
-            SELECT m.layer, m.pos, m.x + y.y AS x
-            FROM mha m JOIN (
-                SELECT h.pos, sum(ARRAY(SELECT inner_product(h.h, w.w) + w.b FROM mlp_c_proj w
-                                        WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector) AS y
-                FROM hidden h GROUP BY h.pos
-            ) y ON y.pos = m.pos
+            SELECT m.layer, ARRAY(SELECT u.x + y.y FROM unnest(m.xs) WITH ORDINALITY u(x, p)
+                                  JOIN (SELECT y.p, sum(y.y) AS y FROM c_proj c, unnest(c.ys) WITH ORDINALITY y(y, p)
+                                        GROUP BY y.p) y ON y.p = u.p ORDER BY u.p) AS xs
+            FROM mha m
         )
-        SELECT 'x', layer + 1, pos, x FROM ffn
-        UNION ALL SELECT 'k', (SELECT layer FROM x LIMIT 1), pos, k FROM k WHERE pos >= (SELECT min(pos) FROM x)
-        UNION ALL SELECT 'v', (SELECT layer FROM x LIMIT 1), col, v FROM v)
+        SELECT 'x', layer + 1, NULL::int, xs FROM ffn
+        UNION ALL SELECT 'k', (SELECT layer FROM x), head, k FROM kv
+        UNION ALL SELECT 'v', (SELECT layer FROM x), head, v FROM kv)
     ),
     -- ln_f of the last position only (materialised: computed once, not once per wte row)
     last AS MATERIALIZED (
-        SELECT layer_norm(b.v, ln_f.g, ln_f.b) AS x
+        SELECT layer_norm(b.vs[cardinality(b.vs)], ln_f.g, ln_f.b) AS x
         FROM blocks b, ln_f, params p WHERE b.kind = 'x' AND b.layer = p.n_layer
-        ORDER BY b.pos DESC LIMIT 1
     ),
     -- logits = x @ wte.T
     logits AS MATERIALIZED (
@@ -262,16 +292,14 @@ generate AS (
         WHERE s.cumulative > draw.u OR s.rank = s.n
         ORDER BY s.rank LIMIT 1
     )
-    SELECT 'token', i.step + 1, NULL::int, i.pos + 1, NULL::vector, s.id, s.prob
+    SELECT 'token', i.step + 1, NULL::int, NULL::int, i.pos + 1, s.id, s.prob, NULL::vector[]
     FROM sample s, (SELECT max(step) AS step, max(pos) AS pos FROM inputs) i
     UNION ALL
-    SELECT 'candidate', i.step + 1, NULL, NULL, NULL, p.id, p.prob
+    SELECT 'candidate', i.step + 1, NULL, NULL, NULL, p.id, p.prob, NULL
     FROM probs p, (SELECT max(step) AS step FROM inputs) i
     UNION ALL
-    -- the cache: this step's keys and the values (rebuilt: one position longer), and the past keys as they were
-    SELECT kind, NULL, layer, pos, v, NULL, NULL FROM blocks WHERE kind IN ('k', 'v')
-    UNION ALL
-    SELECT kind, NULL, layer, pos, v, NULL, NULL FROM state WHERE kind = 'k' AND EXISTS (SELECT FROM inputs))
+    -- the cache: every layer's keys and values, one position longer
+    SELECT kind, NULL, layer, head, NULL, NULL, NULL, vs FROM blocks WHERE kind IN ('k', 'v'))
 )
 -- decode: each token's bytes (a character may span tokens: clients decode the stream incrementally)
 SELECT g.step, g.token, (SELECT t.bytes FROM tokens t WHERE t.id = g.token) AS bytes, g.prob
