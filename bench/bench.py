@@ -91,8 +91,8 @@ def main() -> int:
     ap.add_argument("--checkpoint", help="GPT-2 124M checkpoint dir (default: download cache, else random weights)")
     ap.add_argument("--dsn", help="server (default: the embedded one)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="where to write bench.json and bench.md")
-    ap.add_argument("--positions", default="10,100,500", help="decode positions to time")
-    ap.add_argument("--steps", type=int, default=5, help="decode steps timed per position (median reported)")
+    ap.add_argument("--positions", default="10,100,490", help="prompt lengths: prefill and the decode steps after it")
+    ap.add_argument("--steps", type=int, default=11, help="decode steps timed per prompt length (median reported)")
     a = ap.parse_args()
 
     ckpt, label = model(a.checkpoint)
@@ -106,18 +106,21 @@ def main() -> int:
     run = connect(a.dsn)  # a fresh backend, so its peak memory is this benchmark's
     sql_timings(run, prompt_of(engine, 5), 2)  # warm the caches once
 
-    rows, raw = [], {}
-    for n in (10, 100):
-        p = prompt_of(engine, n)
-        s, np_ = sql_timings(run, p, 1)[0], numpy_timings(engine, p, 1)[0]
-        rows.append((f"prefill, {n}-token prompt", s, np_))
-        raw[f"prefill_{n}"] = {"sql_s": s, "numpy_s": np_}
-    for pos in (int(x) for x in a.positions.split(",")):
+    # One generation per prompt length: its first row's arrival is the prefill, the gaps after it the decode steps
+    rows, raw, decode = [], {}, {}
+    positions = [int(x) for x in a.positions.split(",")]
+    for pos in positions:
         p = prompt_of(engine, pos)
-        s = sql_timings(run, p, a.steps + 1)[1:]
-        n_ = numpy_timings(engine, p, a.steps + 1)[1:]
-        rows.append((f"per token at position ~{pos}", statistics.median(s), statistics.median(n_)))
-        raw[f"decode_{pos}"] = {"sql_s": s, "numpy_s": n_}
+        s = sql_timings(run, p, a.steps + 1)
+        n_ = numpy_timings(engine, p, a.steps + 1)
+        rows.append((f"prefill, {pos}-token prompt (time to the first token)", s[0], n_[0]))
+        decode[pos] = (statistics.median(s[1:]), statistics.median(n_[1:]))
+        raw[f"prompt_{pos}"] = {"sql_s": s, "numpy_s": n_}
+    for pos in positions:
+        rows.append((f"decode step after a {pos}-token prompt (median of {a.steps})", *decode[pos]))
+    first = positions[0]
+    ratios = [f"decode step after {pos} tokens / after {first}: SQL {decode[pos][0] / decode[first][0]:.2f}x, "
+              f"NumPy {decode[pos][1] / decode[first][1]:.2f}x" for pos in positions[1:]]
     peak = backend_peak_rss_mb(run)
 
     lines = [f"# gpt-sql benchmark", "", f"- model: {label} ({ckpt.n_params:,} parameters)",
@@ -127,6 +130,7 @@ def main() -> int:
              f"peak backend memory: {peak:.0f} MB" if peak else f"- load: {load_s:.1f} s; size {size / 2**20:.0f} MB",
              "", "| measurement | SQL (s) | NumPy (s) | SQL/NumPy |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {s:.3f} | {n:.4f} | {s / n:.1f}x |" for name, s, n in rows]
+    lines += [""] + [f"- {r}" for r in ratios]
     report = "\n".join(lines) + "\n"
     print(report)
     out = Path(a.out)

@@ -127,11 +127,22 @@ generate AS (
     FROM prompt
     UNION ALL
     (WITH RECURSIVE
-    state AS (SELECT * FROM generate),
+    -- state: the previous step's rows gathered into one: its tokens, and the cache as 2-D arrays with a row per
+    -- (layer, head). The blocks read the cache through scalar subqueries, computed once per step and then used
+    -- in place: a CTE scan would copy every cache row each time a layer looks for its own
+    previous AS (SELECT * FROM generate),
+    state AS MATERIALIZED (
+        SELECT max(g.step) AS step,
+               array_agg(g.pos ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS pos,
+               array_agg(g.token ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS tokens,
+               array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'k') AS k,
+               array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'v') AS v
+        FROM previous g
+    ),
     -- inputs: the whole prompt at step 0, then the last sampled token until the end
     inputs AS (
-        SELECT s.step, s.pos, s.token FROM state s, params
-        WHERE s.kind = 'token' AND (s.step = 0 OR (s.step < params.n_tokens AND s.token <> params.eot))
+        SELECT s.step, t.pos, t.token FROM state s, unnest(s.pos, s.tokens) AS t(pos, token), params
+        WHERE s.step = 0 OR (s.step < params.n_tokens AND t.token <> params.eot)
     ),
     -- embed: token + position embeddings of the new positions, in order; n_past positions are in the cache
     embed AS (
@@ -175,33 +186,43 @@ generate AS (
                    END AS v
             FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
         ),
-        -- k, v: this layer's cache followed by the new positions
+        -- this layer's cache: rows layer * n_head + 1 .. (layer + 1) * n_head of state's arrays, one per head
+        -- (NULL at step 0). Cut once per layer: finding a row of an array of vectors walks the rows before it
+        cache AS MATERIALIZED (
+            SELECT ((SELECT k FROM state))[x.layer * p.n_head + 1 : (x.layer + 1) * p.n_head][:] AS k,
+                   ((SELECT v FROM state))[x.layer * p.n_head + 1 : (x.layer + 1) * p.n_head][:] AS v
+            FROM x, params p
+        ),
+        -- k, v: the head's cache followed by the new positions, and q beside them
         kv AS MATERIALIZED (
-            SELECT n.head, coalesce(ck.vs, '{}') || n.k AS k,
-                   CASE WHEN cv.vs IS NULL THEN n.v
-                        ELSE ARRAY(SELECT u.old || u.new FROM unnest(cv.vs, n.v) WITH ORDINALITY u(old, new, j)
-                                   ORDER BY u.j) END AS v
+            SELECT n.head, n.q,
+                   ARRAY(SELECT unnest(((SELECT k FROM cache))[n.head + 1 : n.head + 1][:])) || n.k AS k,
+                   ARRAY(SELECT CASE WHEN u.old IS NULL THEN u.new ELSE u.old || u.new END
+                         FROM unnest(ARRAY(SELECT unnest(((SELECT v FROM cache))[n.head + 1 : n.head + 1][:])), n.v)
+                              WITH ORDINALITY AS u(old, new, j)
+                         ORDER BY u.j) AS v
             FROM qkv n
-            LEFT JOIN state ck ON ck.kind = 'k' AND ck.layer = (SELECT layer FROM x) AND ck.head = n.head
-            LEFT JOIN state cv ON cv.kind = 'v' AND cv.layer = (SELECT layer FROM x) AND cv.head = n.head
         ),
         -- attention: softmax(q k^T / sqrt(hd) + causal mask) v, one row per head holding all its new positions'
-        -- outputs (o[position][column]). A position sees the cached ones and the new ones up to itself: the
-        -- causal mask is the LIMIT on its scores, and the weights past it are zeros
+        -- outputs (o[position][column]). Per position, from the inside out: its scores against the cached
+        -- positions and the new ones up to itself (the causal mask is the LIMIT), their max, softmax's
+        -- numerators exp(s - max) as a vector over all positions (zeros past the mask) and their sum, then one
+        -- product per value column. OFFSET 0 computes each stage once: a flattened one would be evaluated again
+        -- at every use, e.g. per value column
         attention AS MATERIALIZED (
             SELECT kv.head, ARRAY(
-                       SELECT ARRAY(SELECT (inner_product(weights.e, unnest(kv.v)) / weights.total)::real)
-                       FROM unnest(n.q) WITH ORDINALITY AS q(q, p),
-                            LATERAL (SELECT ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
-                                                  FROM (SELECT unnest(kv.k) AS k) k LIMIT e.n_past + q.p) AS s) scores,
-                            LATERAL (SELECT max(s) AS max FROM unnest(scores.s) AS s) m,
-                            LATERAL (SELECT ARRAY(SELECT exp(unnest(scores.s) - m.max)) AS e) x,
-                            -- softmax's numerators as a vector over all positions; the division by their sum
-                            -- waits for the product with v
-                            LATERAL (SELECT (x.e || array_fill(0::float8, ARRAY[cardinality(kv.k) - cardinality(x.e)]))::vector AS e,
-                                            (SELECT sum(y) FROM unnest(x.e) AS y) AS total) weights
-                       ORDER BY q.p) AS o
-            FROM kv JOIN qkv n ON n.head = kv.head, embed e, params pr
+                SELECT ARRAY(SELECT (inner_product(w.e, unnest(kv.v)) / w.total)::real)
+                FROM (SELECT e.p, (e.e || array_fill(0::float8, ARRAY[cardinality(kv.k) - cardinality(e.e)]))::vector AS e,
+                             (SELECT sum(y) FROM unnest(e.e) AS y) AS total
+                      FROM (SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
+                            FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
+                                  FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
+                                                          FROM (SELECT unnest(kv.k) AS k) k
+                                                          LIMIT e.n_past + q.p) AS s
+                                        FROM unnest(kv.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
+                      OFFSET 0) w
+                ORDER BY w.p) AS o
+            FROM kv, embed e, params pr
         ),
         -- merge_heads: per new position, the heads' outputs side by side
         merge_heads AS MATERIALIZED (
