@@ -132,11 +132,11 @@ generate AS (
     -- in place: a CTE scan would copy every cache row each time a layer looks for its own
     previous AS (SELECT * FROM generate),
     state AS MATERIALIZED (
-        SELECT max(g.step) AS step,
+        SELECT array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'k') AS k,
+               array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'v') AS v,
+               max(g.step) AS step,
                array_agg(g.pos ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS pos,
-               array_agg(g.token ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS tokens,
-               array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'k') AS k,
-               array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'v') AS v
+               array_agg(g.token ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS tokens
         FROM previous g
     ),
     -- inputs: the whole prompt at step 0, then the last sampled token until the end
