@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_sql.loader.checkpoint import read_checkpoint
+from gpt_sql.loader.checkpoint import DTYPES, as_dtype, read_checkpoint
 from gpt_sql.loader.download import default_cache_dir
 from gpt_sql.loader.load import load
 from gpt_sql.runner.db import connect
 from gpt_sql.runner.engine import NumpyEngine, Params, generate_sql
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = "bench_124m"
 
 
 def model(checkpoint: str | None):
@@ -55,10 +54,10 @@ def prompt_of(engine: NumpyEngine, n_tokens: int) -> str:
     return prompt
 
 
-def sql_timings(conn, prompt: str, n_new: int) -> list[float]:
+def sql_timings(conn, schema: str, prompt: str, n_new: int) -> list[float]:
     """Seconds from the query's start to the first token (prefill), then between consecutive tokens."""
     times, t = [], time.perf_counter()
-    for _ in generate_sql(conn, SCHEMA, Params(prompt, tokens=n_new, top_n=1)):
+    for _ in generate_sql(conn, schema, Params(prompt, tokens=n_new, top_n=1)):
         now = time.perf_counter()
         times.append(now - t)
         t = now
@@ -90,28 +89,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--checkpoint", help="GPT-2 124M checkpoint dir (default: download cache, else random weights)")
     ap.add_argument("--dsn", help="server (default: the embedded one)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="where to write bench.json and bench.md")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="where to write bench[_f16].json and .md")
     ap.add_argument("--positions", default="10,100,490", help="prompt lengths: prefill and the decode steps after it")
     ap.add_argument("--steps", type=int, default=11, help="decode steps timed per prompt length (median reported)")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="how the weights are stored (default float32)")
     a = ap.parse_args()
 
     ckpt, label = model(a.checkpoint)
+    ckpt = as_dtype(ckpt, a.dtype)
+    schema = "bench_124m" + ("_f16" if a.dtype == "float16" else "")
     engine = NumpyEngine(ckpt)
     conn = connect(a.dsn)
     t = time.perf_counter()
-    load(conn, ckpt, SCHEMA, progress=sys.stderr.isatty())
+    load(conn, ckpt, schema, progress=sys.stderr.isatty())
     load_s = time.perf_counter() - t
     size = int(conn.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
-                            "WHERE c.relnamespace = %s::regnamespace", (SCHEMA,)).fetchone()[0])
+                            "WHERE c.relnamespace = %s::regnamespace", (schema,)).fetchone()[0])
     run = connect(a.dsn)  # a fresh backend, so its peak memory is this benchmark's
-    sql_timings(run, prompt_of(engine, 5), 2)  # warm the caches once
+    sql_timings(run, schema, prompt_of(engine, 5), 2)  # warm the caches once
 
     # One generation per prompt length: its first row's arrival is the prefill, the gaps after it the decode steps
     rows, raw, decode = [], {}, {}
     positions = [int(x) for x in a.positions.split(",")]
     for pos in positions:
         p = prompt_of(engine, pos)
-        s = sql_timings(run, p, a.steps + 1)
+        s = sql_timings(run, schema, p, a.steps + 1)
         n_ = numpy_timings(engine, p, a.steps + 1)
         rows.append((f"prefill, {pos}-token prompt (time to the first token)", s[0], n_[0]))
         decode[pos] = (statistics.median(s[1:]), statistics.median(n_[1:]))
@@ -123,7 +125,7 @@ def main() -> int:
               f"NumPy {decode[pos][1] / decode[first][1]:.2f}x" for pos in positions[1:]]
     peak = backend_peak_rss_mb(run)
 
-    lines = [f"# gpt-sql benchmark", "", f"- model: {label} ({ckpt.n_params:,} parameters)",
+    lines = [f"# gpt-sql benchmark", "", f"- model: {label} ({ckpt.n_params:,} parameters, {a.dtype} weights)",
              f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              f"server: {run.execute('SELECT version()').fetchone()[0].split(',')[0]}",
              f"- load: {load_s:.1f} s; database size: {size / 2**20:.0f} MB; "
@@ -135,9 +137,10 @@ def main() -> int:
     print(report)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.md").write_text(report)
-    (out / "bench.json").write_text(json.dumps({
-        "model": label, "n_params": ckpt.n_params, "load_s": load_s, "db_size_bytes": size,
+    stem = "bench" + ("_f16" if a.dtype == "float16" else "")
+    (out / f"{stem}.md").write_text(report)
+    (out / f"{stem}.json").write_text(json.dumps({
+        "model": label, "n_params": ckpt.n_params, "dtype": a.dtype, "load_s": load_s, "db_size_bytes": size,
         "peak_backend_rss_mb": peak, "numpy_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "rows": [{"name": n, "sql_s": s, "numpy_s": np_} for n, s, np_ in rows], "raw": raw}, indent=1))
     return 0

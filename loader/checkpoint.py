@@ -6,12 +6,15 @@ Matrices are stored [n_in, n_out] (TF/Conv1D orientation), so `linear(x, w, b) =
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 HPARAM_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+# How the weight matrices are stored: pgvector `vector` (fp32) or `halfvec` (fp16, half the bytes). Layer norms
+# and biases stay fp32 either way.
+DTYPES = ("float32", "float16")
 
 
 class CheckpointError(Exception):
@@ -25,6 +28,7 @@ class Checkpoint:
     merges: list[tuple[str, str]]  # BPE merges in rank order
     params: dict[str, np.ndarray] = field(repr=False)  # float32, names from param_shapes()
     source: str = ""  # where it came from, shown by `gpt-sql models`
+    dtype: str = "float32"  # one of DTYPES; for float16 the matrices hold fp16 values (still as float32 arrays)
 
     @property
     def n_params(self) -> int:
@@ -48,6 +52,24 @@ def param_shapes(hp: dict[str, int]) -> dict[str, tuple[int, ...]]:
     shapes["ln_f.g"] = (d,)
     shapes["ln_f.b"] = (d,)
     return shapes
+
+
+def is_matrix(name: str) -> bool:
+    """The parameters stored in the weight dtype: the embeddings and the four matrices of each block."""
+    return name in ("wte", "wpe") or name.endswith(".w")
+
+
+def as_dtype(ckpt: Checkpoint, dtype: str) -> Checkpoint:
+    """The checkpoint with its matrices rounded to `dtype` (to nearest, as pgvector's cast to halfvec does)."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == ckpt.dtype or dtype == "float32":
+        return ckpt if dtype == ckpt.dtype else replace(ckpt, dtype=dtype)
+    big = {k: a for k, a in ckpt.params.items() if is_matrix(k) and np.abs(a).max(initial=0) > np.finfo(np.float16).max}
+    if big:
+        raise CheckpointError(f"{ckpt.source}: {sorted(big)[0]} holds values beyond float16's range (65504)")
+    params = {k: a.astype(np.float16).astype(np.float32) if is_matrix(k) else a for k, a in ckpt.params.items()}
+    return replace(ckpt, params=params, dtype=dtype)
 
 
 def validate(ckpt: Checkpoint) -> Checkpoint:

@@ -30,8 +30,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def schema_sql() -> str:
-    return resources.files("gpt_sql.sql").joinpath("schema.sql").read_text(encoding="utf-8")
+def schema_sql(dtype: str = "float32") -> str:
+    """The DDL of one model: schema.sql, then float16.sql for fp16 weights."""
+    files = ["schema.sql"] + (["float16.sql"] if dtype == "float16" else [])
+    return "\n".join(resources.files("gpt_sql.sql").joinpath(f).read_text(encoding="utf-8") for f in files)
+
+
+# the tables whose w column takes the weights' dtype (float16.sql turns them into halfvec)
+MATRIX_TABLES = ("wte", "wpe", "attn_c_attn", "attn_c_proj", "mlp_c_fc", "mlp_c_proj")
 
 
 def tokenizer_rows(ckpt: Checkpoint) -> tuple[list[tuple], list[tuple], list[tuple]]:
@@ -84,11 +90,14 @@ def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tup
 
 
 def _copy(cur: psycopg.Cursor, table: str, types: list[str], rows: Iterable[tuple], bar: tqdm) -> int:
+    from pgvector import HalfVector
+
     n = 0
+    halfvec = [t == "halfvec" for t in types]
     with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(table))) as copy:
         copy.set_types(types)
         for row in rows:
-            copy.write_row(row)
+            copy.write_row(tuple(HalfVector(v) if h else v for v, h in zip(row, halfvec)) if any(halfvec) else row)
             n += 1
             bar.update(sum(v.nbytes for v in row if isinstance(v, np.ndarray)))
             if n % 4096 == 0:
@@ -136,14 +145,14 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
         replacing = _existing(conn, name)
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
         conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(staging)))
-        conn.execute(schema_sql())
+        conn.execute(schema_sql(ckpt.dtype))
         cur = conn.cursor()
         hp = ckpt.hparams
         cur.execute(
-            "INSERT INTO hparams (n_vocab, n_ctx, n_embd, n_head, n_layer, eot, source, n_params)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            "INSERT INTO hparams (n_vocab, n_ctx, n_embd, n_head, n_layer, eot, source, n_params, dtype)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (hp["n_vocab"], hp["n_ctx"], hp["n_embd"], hp["n_head"], hp["n_layer"], ckpt.encoder[EOT],
-             ckpt.source, ckpt.n_params))
+             ckpt.source, ckpt.n_params, ckpt.dtype))
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {name}", disable=not progress,
                   file=sys.stderr) as bar:
             counts["tokens"] = _copy(cur, "tokens", ["int4", "text", "bytea"], tokens, bar)
@@ -151,6 +160,8 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
             counts["byte_tokens"] = _copy(cur, "byte_tokens", ["int4", "int4"], byte_tokens, bar)
             counts["char_classes"] = _copy(cur, "char_classes", ["int4", "text"], class_ranges(), bar)
             for table, types, rows in weight_rows(ckpt):
+                if ckpt.dtype == "float16" and table in MATRIX_TABLES:
+                    types = ["halfvec" if t == "vector" else t for t in types]
                 counts[table] = _copy(cur, table, types, rows, bar)
         verify_counts(cur, counts, expected_counts(ckpt, len(merges)))
         for table in counts:

@@ -23,7 +23,7 @@ from .progress import waiting
 from .grant import GrantError, grant
 from .engine import GenerationError, NumpyEngine, Params, check_text, generate_sql, next_sql, tokenize_sql
 from .models import ModelError, list_models, read_model, resolve_model
-from ..loader.checkpoint import CheckpointError, read_checkpoint
+from ..loader.checkpoint import DTYPES, CheckpointError, as_dtype, read_checkpoint
 from ..loader.load import LoadError, load
 
 USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError)
@@ -187,19 +187,20 @@ def cmd_models(a: argparse.Namespace) -> int:
     if not models:
         print("no models loaded; try `gpt-sql download 124M` or `gpt-sql load PATH`")
         return 0
-    print(f"{'schema':<20} {'params':>12} {'layers':>6} {'heads':>5} {'embd':>5} {'ctx':>5} {'vocab':>6} {'size':>9}  source")
+    print(f"{'schema':<20} {'params':>12} {'layers':>6} {'heads':>5} {'embd':>5} {'ctx':>5} {'vocab':>6} "
+          f"{'dtype':>7} {'size':>9}  source")
     for m in models:
         print(f"{m.name:<20} {m.n_params:>12,} {m.n_layer:>6} {m.n_head:>5} {m.n_embd:>5} {m.n_ctx:>5} "
-              f"{m.n_vocab:>6} {m.size_bytes / 2**20:>7.1f}MB  {m.source}")
+              f"{m.n_vocab:>6} {m.dtype:>7} {m.size_bytes / 2**20:>7.1f}MB  {m.source}")
     return 0
 
 
 def cmd_load(a: argparse.Namespace) -> int:
     path = Path(a.path)
-    ckpt = read_checkpoint(path)
+    ckpt = as_dtype(read_checkpoint(path), a.dtype)
     name = a.name or default_name(path)
     counts = load(connect(a.dsn), ckpt, name)
-    print(f"loaded {name}: {ckpt.n_params:,} parameters, {sum(counts.values()):,} rows")
+    print(f"loaded {name}: {ckpt.n_params:,} parameters ({a.dtype}), {sum(counts.values()):,} rows")
     return 0
 
 
@@ -298,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
     p = add("load", cmd_load, "load a GPT-2 checkpoint dir (OpenAI or Hugging Face format) into PostgreSQL")
     p.add_argument("path")
     p.add_argument("--name", help="schema name (default: from the directory name)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="how the weight matrices are stored: float32 (pgvector vector, default) or float16 "
+                        "(halfvec: half the size, faster; activations are rounded to fp16 before each product)")
 
     p = add("grant", cmd_grant, "let a role run models read-only: USAGE on their schemas and public, SELECT, EXECUTE")
     p.add_argument("role", type=role_name, help="the role (user) to grant")

@@ -152,7 +152,7 @@ class NumpyEngine:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.tokenizer = Tokenizer(ckpt.encoder, ckpt.merges)
-        self.model = Model(ckpt.hparams, ckpt.params)
+        self.model = Model(ckpt.hparams, ckpt.params, ckpt.dtype)
         self.eot = ckpt.encoder["<|endoftext|>"]
 
     def encode(self, prompt: str) -> list[int]:

@@ -26,6 +26,7 @@ class ModelInfo:
     n_layer: int
     size_bytes: int
     source: str
+    dtype: str  # of the weight matrices: float32 (vector) or float16 (halfvec)
 
 
 def model_names(conn: psycopg.Connection) -> list[str]:
@@ -41,12 +42,14 @@ def list_models(conn: psycopg.Connection) -> list[ModelInfo]:
     out = []
     for name in model_names(conn):
         row = conn.execute(sql.SQL(
-            "SELECT n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source,"
+            "SELECT n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source, h.weight_dtype,"
             " (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c"
             "  WHERE c.relnamespace = {}::regnamespace AND c.relkind = 'r')::bigint"
-            " FROM {}.hparams").format(sql.Literal(name), sql.Identifier(name))).fetchone()
-        n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source, size = row
-        out.append(ModelInfo(name, n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, size or 0, source))
+            " FROM (SELECT h.*, to_jsonb(h) ->> 'dtype' AS weight_dtype FROM {}.hparams h) h"  # older loads: fp32
+            ).format(sql.Literal(name), sql.Identifier(name))).fetchone()
+        n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source, dtype, size = row
+        out.append(ModelInfo(name, n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, size or 0, source,
+                             dtype or "float32"))
     return out
 
 
@@ -74,8 +77,9 @@ def read_model(conn: psycopg.Connection, name: str) -> Checkpoint:
         return [tuple(v.to_numpy() if hasattr(v, "to_numpy") else v for v in row)
                 for row in conn.execute(sql.SQL(query).format(s=s)).fetchall()]
 
-    n_vocab, n_ctx, n_embd, n_head, n_layer, source = q(
-        "SELECT n_vocab, n_ctx, n_embd, n_head, n_layer, source FROM {s}.hparams")[0]
+    n_vocab, n_ctx, n_embd, n_head, n_layer, source, dtype = q(
+        "SELECT n_vocab, n_ctx, n_embd, n_head, n_layer, source, coalesce(to_jsonb(h) ->> 'dtype', 'float32')"
+        " FROM {s}.hparams h")[0]
     hp = {"n_vocab": n_vocab, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
     encoder = {piece: i for i, piece in q("SELECT id, piece FROM {s}.tokens")}
     pieces = {i: p for p, i in encoder.items()}
@@ -101,4 +105,5 @@ def read_model(conn: psycopg.Connection, name: str) -> Checkpoint:
             bias[col] += b
         params[f"h.{i}.mlp.c_proj.w"], params[f"h.{i}.mlp.c_proj.b"] = w, bias
     params["ln_f.g"], params["ln_f.b"] = q("SELECT g, b FROM {s}.ln_f")[0]
-    return validate(Checkpoint(hp, encoder, merges, params, source=f"{source} (read back from {name})"))
+    return validate(Checkpoint(hp, encoder, merges, params, source=f"{source} (read back from {name})",
+                               dtype=dtype))

@@ -32,8 +32,9 @@ def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
     return g * (x - mean) / np.sqrt(variance + LN_EPS) + b
 
 
-def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return x @ w + b
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray, x_dtype: type = np.float32) -> np.ndarray:
+    # with fp16 weights the input is rounded to fp16 too (SQL's as_weights), the product taken in fp32
+    return x.astype(x_dtype).astype(np.float32) @ w + b
 
 
 def ffn(x: np.ndarray, c_fc: dict, c_proj: dict) -> np.ndarray:
@@ -63,19 +64,21 @@ def transformer_block(x: np.ndarray, mlp: dict, attn: dict, ln_1: dict, ln_2: di
 
 
 def gpt2(inputs: list[int], wte: np.ndarray, wpe: np.ndarray, blocks: list[dict], ln_f: dict, n_head: int,
-         cache: list[dict]) -> np.ndarray:
+         cache: list[dict], x_dtype: type = np.float32) -> np.ndarray:
     """Logits for the new `inputs`, which follow the positions already in `cache` (one dict per block)."""
     n_past = cache[0]["k"].shape[0] if "k" in cache[0] else 0
     x = wte[inputs] + wpe[range(n_past, n_past + len(inputs))]
     for block, block_cache in zip(blocks, cache):
         x = transformer_block(x, **block, n_head=n_head, cache=block_cache)
-    return layer_norm(x, **ln_f) @ wte.T
+    return linear(layer_norm(x, **ln_f), wte.T, np.float32(0), x_dtype)
 
 
-def nest_params(params: dict[str, np.ndarray], n_layer: int) -> dict:
-    """Flat checkpoint names (`h.0.attn.c_attn.w`) -> picoGPT's nested dicts."""
+def nest_params(params: dict[str, np.ndarray], n_layer: int, x_dtype: type = np.float32) -> dict:
+    """Flat checkpoint names (`h.0.attn.c_attn.w`) -> picoGPT's nested dicts; each linear carries the dtype its
+    input is rounded to (the weights' dtype)."""
     def group(prefix: str, keys: dict[str, str]) -> dict:
-        return {k: params[prefix + v] for k, v in keys.items()}
+        out = {k: params[prefix + v] for k, v in keys.items()}
+        return {**out, "x_dtype": x_dtype} if "w" in out else out
     wb, gb = {"w": "w", "b": "b"}, {"g": "g", "b": "b"}
     blocks = [{
         "ln_1": group(f"h.{i}.ln_1.", gb), "ln_2": group(f"h.{i}.ln_2.", gb),
@@ -112,15 +115,18 @@ class Step:
 
 
 class Model:
-    def __init__(self, hparams: dict[str, int], params: dict[str, np.ndarray]):
+    def __init__(self, hparams: dict[str, int], params: dict[str, np.ndarray], dtype: str = "float32"):
+        """`params` as float32 arrays; with dtype float16 the matrices must already hold fp16 values
+        (loader.checkpoint.as_dtype), and every product's input is rounded to fp16 as SQL does."""
         self.hparams = hparams
-        self.p = nest_params(params, hparams["n_layer"])
+        self.x_dtype = np.float16 if dtype == "float16" else np.float32
+        self.p = nest_params(params, hparams["n_layer"], self.x_dtype)
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in range(self.hparams["n_layer"])]
 
     def logits(self, inputs: list[int], cache: list[dict]) -> np.ndarray:
-        return gpt2(inputs, **self.p, n_head=self.hparams["n_head"], cache=cache)
+        return gpt2(inputs, **self.p, n_head=self.hparams["n_head"], cache=cache, x_dtype=self.x_dtype)
 
     def generate(self, prompt: list[int], n_tokens: int, temperature: float = 1.0, top_n: int = 5,
                  seed: int = 0, eot: int | None = None) -> Iterator[Step]:

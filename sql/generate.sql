@@ -144,9 +144,10 @@ generate AS (
         SELECT s.step, t.pos, t.token FROM state s, unnest(s.pos, s.tokens) AS t(pos, token), params
         WHERE s.step = 0 OR (s.step < params.n_tokens AND t.token <> params.eot)
     ),
-    -- embed: token + position embeddings of the new positions, in order; n_past positions are in the cache
+    -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type);
+    -- n_past positions are in the cache
     embed AS (
-        SELECT min(i.pos) AS n_past, array_agg(wte.w + wpe.w ORDER BY i.pos) AS xs
+        SELECT min(i.pos) AS n_past, array_agg(wte.w::vector + wpe.w::vector ORDER BY i.pos) AS xs
         FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
     ),
     -- transformer_block, once per layer: x + mha(layer_norm(x)), then x + ffn(layer_norm(x))
@@ -156,8 +157,8 @@ generate AS (
         (WITH
         x AS (SELECT b.layer, b.vs AS xs FROM blocks b, params WHERE b.kind = 'x' AND b.layer < params.n_layer),
         ln_1_out AS MATERIALIZED (
-            SELECT x.layer, ARRAY(SELECT layer_norm(u.x, ln.g, ln.b) FROM unnest(x.xs) WITH ORDINALITY u(x, p)
-                                  ORDER BY u.p) AS hs
+            SELECT x.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
+                                  FROM unnest(x.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
             FROM x JOIN ln_1 ln ON ln.layer = x.layer
         ),
         -- linear(ln_1_out, c_attn) -> q | k | v, one vector per new position. Every linear has this form: one
@@ -165,7 +166,8 @@ generate AS (
         -- new positions while the row is at hand. With several positions the products make a matrix y[col][pos]
         -- (2-D real[]), cut into the positions' vectors by columns_of; unnest in the select list streams the
         -- positions in array order (in FROM it would copy every position's vector for every row). A single
-        -- position (every decode step) skips the matrix: its vector is the column-ordered array itself.
+        -- position (every decode step) skips the matrix: its vector is the column-ordered array itself. The
+        -- inputs are as_weights(...): in the weights' type, vector or halfvec (see schema.sql).
         c_attn AS MATERIALIZED (
             SELECT CASE WHEN cardinality(h.hs) = 1
                    THEN ARRAY[ARRAY(SELECT inner_product(h.hs[1], w.w) + w.b
@@ -226,7 +228,7 @@ generate AS (
         ),
         -- merge_heads: per new position, the heads' outputs side by side
         merge_heads AS MATERIALIZED (
-            SELECT ARRAY(SELECT ARRAY(SELECT unnest(a.o[p:p][:]) FROM attention a ORDER BY a.head)::vector
+            SELECT ARRAY(SELECT as_weights(ARRAY(SELECT unnest(a.o[p:p][:]) FROM attention a ORDER BY a.head)::vector)
                          FROM generate_series(1, cardinality(x.xs)) AS p ORDER BY p) AS a
             FROM x
         ),
@@ -241,8 +243,8 @@ generate AS (
                                              FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)) END AS ys) y
         ),
         ln_2_out AS MATERIALIZED (
-            SELECT m.layer, ARRAY(SELECT layer_norm(u.x, ln.g, ln.b) FROM unnest(m.xs) WITH ORDINALITY u(x, p)
-                                  ORDER BY u.p) AS hs
+            SELECT m.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
+                                  FROM unnest(m.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
             FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
         ),
         -- gelu(linear(ln_2_out, c_fc)); OFFSET 0 keeps each inner product a value of its own (gelu, inlined,
@@ -259,7 +261,7 @@ generate AS (
         ),
         -- ...cut into chunks of n_embd for c_proj, whose rows hold n_embd inputs
         hidden AS MATERIALIZED (
-            SELECT f.layer, c AS chunk, ARRAY(SELECT subvector(unnest(f.ys), c * p.n_embd + 1, p.n_embd)) AS hs
+            SELECT f.layer, c AS chunk, ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * p.n_embd + 1, p.n_embd))) AS hs
             FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.n_embd - 1) AS c
         ),
         -- c_proj as one partial product per chunk
@@ -285,7 +287,7 @@ generate AS (
     ),
     -- ln_f of the last position only (materialised: computed once, not once per wte row)
     last AS MATERIALIZED (
-        SELECT layer_norm(b.vs[cardinality(b.vs)], ln_f.g, ln_f.b) AS x
+        SELECT as_weights(layer_norm(b.vs[cardinality(b.vs)], ln_f.g, ln_f.b)) AS x
         FROM blocks b, ln_f, params p WHERE b.kind = 'x' AND b.layer = p.n_layer
     ),
     -- logits = x @ wte.T

@@ -14,6 +14,7 @@ CREATE TABLE hparams (
     eot     int NOT NULL,          -- id of <|endoftext|>: stops generation, starts an empty prompt
     source  text NOT NULL,         -- the checkpoint it came from
     n_params bigint NOT NULL,
+    dtype   text NOT NULL DEFAULT 'float32' CHECK (dtype IN ('float32', 'float16')),  -- of the weight matrices
     loaded_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -65,6 +66,11 @@ CREATE FUNCTION layer_norm(x vector, g vector, b vector) RETURNS vector
                                 ARRAY[n])::vector AS xc, n
           FROM (SELECT vector_dims(x) AS n) d) c
 $$;
+
+-- as_weights: an activation in the weights' type, for inner_product with weight rows. The identity for fp32
+-- models; float16.sql replaces it with a cast to halfvec for fp16 ones, so one query serves both.
+CREATE FUNCTION as_weights(x vector) RETURNS vector
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT x $$;
 
 -- A linear layer's result for several positions is a matrix y[col][position] (2-D real[]); these cut it back into
 -- vectors: one per column (a position's activations) or one per row (an output column over the positions).

@@ -42,14 +42,16 @@ _loaded: dict[tuple, object] = {}
 
 @pytest.fixture(scope="session")
 def load_tiny(conn):
-    """load_tiny(name, **shape) -> Checkpoint: a tiny random GPT-2, loaded once per session under `name`."""
+    """load_tiny(name, dtype="float32", **shape) -> Checkpoint: a tiny random GPT-2, loaded once per session under
+    `name` with its matrices stored in `dtype`."""
     from tiny import make_checkpoint
+    from gpt_sql.loader.checkpoint import as_dtype
     from gpt_sql.loader.load import load
 
-    def _load(name: str, **kw):
-        key = (name, tuple(sorted(kw.items())))
+    def _load(name: str, dtype: str = "float32", **kw):
+        key = (name, dtype, tuple(sorted(kw.items())))
         if key not in _loaded:
-            ckpt = make_checkpoint(**kw)
+            ckpt = as_dtype(make_checkpoint(**kw), dtype)
             load(conn, ckpt, name, progress=False)
             _loaded[key] = ckpt
         return _loaded[key]
