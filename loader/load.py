@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..runner.tokenizer import bytes_to_unicode
 from .checkpoint import Checkpoint, CheckpointError
+from .functions import create_functions, set_function_search_path
 from .unicode_classes import class_ranges
 
 EOT = "<|endoftext|>"
@@ -146,6 +147,7 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
         conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(staging)))
         conn.execute(schema_sql(ckpt.dtype))
+        create_functions(conn.cursor(), staging)
         cur = conn.cursor()
         hp = ckpt.hparams
         cur.execute(
@@ -175,6 +177,7 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
             copy_privileges(cur, name, staging)  # GRANTs (e.g. `gpt-sql grant`) outlive the reload
             cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
         cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(staging), sql.Identifier(name)))
+        set_function_search_path(cur, name)
         cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS 'gpt-sql model'").format(sql.Identifier(name)))
         phase[0] = "commit"
     return counts

@@ -25,6 +25,10 @@ FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.to
 WHERE g.kind = 'candidate' AND g.step = 1
 ORDER BY g.prob DESC, g.token;
 """,
+    # the prompt's token ids as one array (the tokenize() SQL function)
+    "ids": """-- ids: the prompt's token ids as one array
+SELECT coalesce(array_agg(e.token ORDER BY e.pos), '{}') FROM encode e;
+""",
     # the prompt's token ids, nothing else is computed
     "tokenize": """-- tokenize: the prompt's token ids and their bytes
 SELECT e.pos, e.token, (SELECT t.bytes FROM tokens t WHERE t.id = e.token) AS bytes
@@ -40,7 +44,7 @@ def generate_sql() -> str:
 
 
 def query(kind: str = "generate") -> str:
-    """`generate` (one row per new token), `text`, `next` or `tokenize`."""
+    """`generate` (one row per new token), `text`, `next`, `tokenize` or `ids`."""
     base = generate_sql()
     if kind == "generate":
         return base

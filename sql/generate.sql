@@ -10,15 +10,22 @@
 -- (softmax of logits / temperature over the whole vocabulary).
 -- Each CTE is named after its twin in runner/reference.py.
 WITH RECURSIVE
+-- settings: the parameters as text, from the gpt.* settings. A model's SQL functions (generate, complete,
+-- next_tokens, tokenize; loader/functions.py) are this same query with their arguments in this CTE's place
+settings(prompt, tokens, temperature, top_n, seed) AS (
+    SELECT current_setting('gpt.prompt', true), current_setting('gpt.tokens', true),
+           current_setting('gpt.temperature', true), current_setting('gpt.top_n', true),
+           current_setting('gpt.seed', true)
+),
 -- params: the settings, with defaults, checked before any work
 params AS (
     SELECT h.*, h.n_embd / h.n_head AS hd, s.*
-    FROM hparams h,
-         LATERAL (SELECT coalesce(current_setting('gpt.prompt', true), 'Happy New Year!') AS prompt,
-                         coalesce(nullif(current_setting('gpt.tokens', true), '')::int, 10) AS n_tokens,
-                         coalesce(nullif(current_setting('gpt.temperature', true), '')::float8, 1) AS temperature,
-                         coalesce(nullif(current_setting('gpt.top_n', true), '')::int, 5) AS top_n,
-                         coalesce(nullif(current_setting('gpt.seed', true), '')::bigint, 0) AS seed) s
+    FROM hparams h, settings,
+         LATERAL (SELECT coalesce(settings.prompt, 'Happy New Year!') AS prompt,
+                         coalesce(nullif(settings.tokens, '')::int, 10) AS n_tokens,
+                         coalesce(nullif(settings.temperature, '')::float8, 1) AS temperature,
+                         coalesce(nullif(settings.top_n, '')::int, 5) AS top_n,
+                         coalesce(nullif(settings.seed, '')::bigint, 0) AS seed) s
     WHERE CASE
         WHEN s.n_tokens < 1 THEN raise_error(format('gpt.tokens must be at least 1, got %s', s.n_tokens))
         WHEN NOT s.temperature > 0 OR s.temperature IN ('Infinity', 'NaN')
