@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from psycopg import sql
 
 from gpt_sql.loader.checkpoint import DTYPES, as_dtype, read_checkpoint
 from gpt_sql.loader.download import default_cache_dir
@@ -120,6 +121,17 @@ def main() -> int:
         raw[f"prompt_{pos}"] = {"sql_s": s, "numpy_s": n_}
     for pos in positions:
         rows.append((f"decode step after a {pos}-token prompt (median of {a.steps})", *decode[pos]))
+    # the same generation called as a SQL function from an ordinary query, against the query through settings
+    p, n_new = prompt_of(engine, positions[0]), a.steps + 1
+    complete = sql.SQL("SELECT {}.complete(%s, %s, 1, 1)").format(sql.Identifier(schema))
+    run.execute(complete, (p, 2)).fetchone()  # a session plans a function's query at its first call
+    t = time.perf_counter()
+    run.execute(complete, (p, n_new)).fetchone()
+    function_s = time.perf_counter() - t
+    query_s = sum(sql_timings(run, schema, p, n_new))
+    numpy_s = sum(numpy_timings(engine, p, n_new))
+    rows.append((f"{n_new} tokens after a {positions[0]}-token prompt, the query (settings, streamed)", query_s, numpy_s))
+    rows.append((f"the same from `SELECT {schema}.complete(prompt, {n_new}, 1, 1)`", function_s, numpy_s))
     first = positions[0]
     ratios = [f"decode step after {pos} tokens / after {first}: SQL {decode[pos][0] / decode[first][0]:.2f}x, "
               f"NumPy {decode[pos][1] / decode[first][1]:.2f}x" for pos in positions[1:]]
