@@ -37,9 +37,6 @@ def schema_sql(dtype: str = "float32") -> str:
     return "\n".join(resources.files("gpt_sql.sql").joinpath(f).read_text(encoding="utf-8") for f in files)
 
 
-# the tables whose w column takes the weights' dtype (float16.sql turns them into halfvec)
-MATRIX_TABLES = ("wte", "wpe", "attn_c_attn", "attn_c_proj", "mlp_c_fc", "mlp_c_proj")
-
 
 def tokenizer_rows(ckpt: Checkpoint) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """(tokens, merges, byte_tokens) rows; raises CheckpointError if the tokenizer is not GPT-2's byte-level BPE."""
@@ -88,6 +85,12 @@ def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tup
         for chunk in range(4)
         for col, (w_col, b) in enumerate(zip(np.ascontiguousarray(p[f"h.{i}.mlp.c_proj.w"][chunk * d:(chunk + 1) * d].T),
                                               p[f"h.{i}.mlp.c_proj.b"])))
+
+
+def halfvec_tables(cur: psycopg.Cursor, schema: str) -> set[str]:
+    cur.execute("SELECT table_name FROM information_schema.columns WHERE table_schema = %s AND column_name = 'w'"
+                " AND udt_name = 'halfvec'", (schema,))
+    return {r[0] for r in cur.fetchall()}
 
 
 def _copy(cur: psycopg.Cursor, table: str, types: list[str], rows: Iterable[tuple], bar: tqdm) -> int:
@@ -161,8 +164,9 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
             counts["merges"] = _copy(cur, "merges", ["int4", "int4", "int4", "int4"], merges, bar)
             counts["byte_tokens"] = _copy(cur, "byte_tokens", ["int4", "int4"], byte_tokens, bar)
             counts["char_classes"] = _copy(cur, "char_classes", ["int4", "text"], class_ranges(), bar)
+            halfvec = halfvec_tables(cur, staging)  # what float16.sql made halfvec
             for table, types, rows in weight_rows(ckpt):
-                if ckpt.dtype == "float16" and table in MATRIX_TABLES:
+                if table in halfvec:
                     types = ["halfvec" if t == "vector" else t for t in types]
                 counts[table] = _copy(cur, table, types, rows, bar)
         verify_counts(cur, counts, expected_counts(ckpt, len(merges)))

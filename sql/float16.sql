@@ -2,19 +2,13 @@
 -- the embeddings and matrices become pgvector halfvec (2 bytes a weight, 5 rows of 768 to an 8 KB page instead
 -- of 2); layer norms and biases stay fp32. Activations meet the weights as halfvec (rounded to nearest), and
 -- pgvector takes the inner product in fp32; runner/reference.py rounds at the same places.
-ALTER TABLE wte ALTER COLUMN w TYPE halfvec;
-ALTER TABLE wpe ALTER COLUMN w TYPE halfvec;
-ALTER TABLE attn_c_attn ALTER COLUMN w TYPE halfvec;
-ALTER TABLE attn_c_proj ALTER COLUMN w TYPE halfvec;
-ALTER TABLE mlp_c_fc ALTER COLUMN w TYPE halfvec;
-ALTER TABLE mlp_c_proj ALTER COLUMN w TYPE halfvec;
--- a new type brings its default storage back; keep rows inline (out-of-line rows cost 3 buffer reads each)
-ALTER TABLE wte ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE wpe ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE attn_c_attn ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE attn_c_proj ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE mlp_c_fc ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE mlp_c_proj ALTER COLUMN w SET STORAGE PLAIN;
+-- (a new type brings back its default storage: keep the rows inline, as out-of-line rows cost 3 buffer reads each)
+ALTER TABLE wte ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE wpe ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE attn_c_attn ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE attn_c_proj ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE mlp_c_fc ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE mlp_c_proj ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
 
 DROP FUNCTION as_weights(vector);
 CREATE FUNCTION as_weights(x vector) RETURNS halfvec
