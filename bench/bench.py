@@ -1,9 +1,9 @@
-"""Benchmark: gpt-sql on a GPT-2 124M-shaped model against the NumPy reference, side by side.
+"""Benchmark: gpt-sql on a GPT-2-shaped model (124M by default) against the NumPy reference, side by side.
 
-    python bench/bench.py [--checkpoint DIR] [--dsn DSN] [--out bench/results]
+    python bench/bench.py [--size 124M|355M|774M|1558M] [--dtype float32|float16] [--checkpoint DIR] [--dsn DSN]
 
 Uses real GPT-2 weights when given (or found in the download cache); otherwise random weights of exactly the
-124M shapes with OpenAI's tokenizer from ../shared/gpt2, and says so. Prints a markdown table and writes it,
+size's shapes with OpenAI's tokenizer from ../shared/gpt2, and says so. Prints a markdown table and writes it,
 with the raw figures, to the output directory.
 """
 
@@ -30,19 +30,25 @@ from gpt_sql.runner.engine import NumpyEngine, Params, generate_sql
 REPO = Path(__file__).resolve().parents[1]
 
 
-def model(checkpoint: str | None):
+# GPT-2's four sizes: n_embd, n_head, n_layer (n_ctx 1024, OpenAI's 50,257-token vocabulary)
+SIZES = {"124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36), "1558M": (1600, 25, 48)}
+
+
+def model(checkpoint: str | None, size: str = "124M"):
     if checkpoint:
         return read_checkpoint(checkpoint), "real weights: " + checkpoint
-    cached = default_cache_dir() / "124M"
+    cached = default_cache_dir() / size
     if (cached / "model.ckpt.index").exists():
-        return read_checkpoint(cached), f"real weights: GPT-2 124M from {cached}"
+        return read_checkpoint(cached), f"real weights: GPT-2 {size} from {cached}"
     sys.path.insert(0, str(REPO / "tests"))
     from tiny import SHARED_GPT2, make_checkpoint
 
     if not (SHARED_GPT2 / "encoder.json").exists():
         sys.exit("bench: no GPT-2 checkpoint and no ../shared/gpt2 tokenizer; pass --checkpoint DIR")
-    ckpt = make_checkpoint(n_embd=768, n_head=12, n_layer=12, n_ctx=1024, real_tokenizer=True, scale=0.02, seed=0)
-    return ckpt, "RANDOM weights with the exact GPT-2 124M shapes and OpenAI's tokenizer (no real weights here)"
+    n_embd, n_head, n_layer = SIZES[size]
+    ckpt = make_checkpoint(n_embd=n_embd, n_head=n_head, n_layer=n_layer, n_ctx=1024, real_tokenizer=True,
+                           scale=0.02, seed=0)
+    return ckpt, f"RANDOM weights with the exact GPT-2 {size} shapes and OpenAI's tokenizer (no real weights here)"
 
 
 def prompt_of(engine: NumpyEngine, n_tokens: int) -> str:
@@ -74,6 +80,21 @@ def numpy_timings(engine: NumpyEngine, prompt: str, n_new: int) -> list[float]:
     return times
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak-memory count (VmHWM) afresh (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def own_peak_rss_mb() -> float | None:
+    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def backend_peak_rss_mb(conn) -> float | None:
     """Peak resident memory of this connection's backend (VmHWM), when the server runs on this machine."""
     pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
@@ -94,16 +115,20 @@ def main() -> int:
     ap.add_argument("--positions", default="10,100,490", help="prompt lengths: prefill and the decode steps after it")
     ap.add_argument("--steps", type=int, default=11, help="decode steps timed per prompt length (median reported)")
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="how the weights are stored (default float32)")
+    ap.add_argument("--size", choices=SIZES, default="124M", help="GPT-2 size (random weights of its exact shapes "
+                                                                 "unless --checkpoint or the download cache has it)")
     a = ap.parse_args()
 
-    ckpt, label = model(a.checkpoint)
+    ckpt, label = model(a.checkpoint, a.size)
     ckpt = as_dtype(ckpt, a.dtype)
-    schema = "bench_124m" + ("_f16" if a.dtype == "float16" else "")
+    schema = f"bench_{a.size.lower()}" + ("_f16" if a.dtype == "float16" else "")
     engine = NumpyEngine(ckpt)
     conn = connect(a.dsn)
+    reset_peak_rss()
     t = time.perf_counter()
     load(conn, ckpt, schema, progress=sys.stderr.isatty())
     load_s = time.perf_counter() - t
+    load_peak = own_peak_rss_mb()
     size = int(conn.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
                             "WHERE c.relnamespace = %s::regnamespace", (schema,)).fetchone()[0])
     run = connect(a.dsn)  # a fresh backend, so its peak memory is this benchmark's
@@ -141,7 +166,8 @@ def main() -> int:
              f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              f"server: {run.execute('SELECT version()').fetchone()[0].split(',')[0]}",
              f"- load: {load_s:.1f} s; database size: {size / 2**20:.0f} MB; "
-             f"peak backend memory: {peak:.0f} MB" if peak else f"- load: {load_s:.1f} s; size {size / 2**20:.0f} MB",
+             f"peak memory of this process during the load (it holds the checkpoint too): {load_peak or 0:.0f} MB; "
+             f"peak backend memory: {peak or 0:.0f} MB",
              "", "| measurement | SQL (s) | NumPy (s) | SQL/NumPy |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {s:.3f} | {n:.4f} | {s / n:.1f}x |" for name, s, n in rows]
     lines += [""] + [f"- {r}" for r in ratios]
@@ -149,10 +175,11 @@ def main() -> int:
     print(report)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "bench" + ("_f16" if a.dtype == "float16" else "")
+    stem = "bench" + ("" if a.size == "124M" else f"_{a.size}") + ("_f16" if a.dtype == "float16" else "")
     (out / f"{stem}.md").write_text(report)
     (out / f"{stem}.json").write_text(json.dumps({
         "model": label, "n_params": ckpt.n_params, "dtype": a.dtype, "load_s": load_s, "db_size_bytes": size,
+        "load_peak_rss_mb": load_peak,
         "peak_backend_rss_mb": peak, "numpy_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "rows": [{"name": n, "sql_s": s, "numpy_s": np_} for n, s, np_ in rows], "raw": raw}, indent=1))
     return 0
