@@ -72,19 +72,13 @@ $$;
 CREATE FUNCTION as_weights(x vector) RETURNS vector
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$ SELECT x $$;
 
--- A linear layer's result for several positions is a matrix y[col][position] (2-D real[]); these cut it back into
--- vectors: one per column (a position's activations) or one per row (an output column over the positions).
--- unnest reads a slice out in storage order (row-major), so a column's values come in row order.
+-- columns_of: a linear layer's result for several positions is a matrix y[col][position] (2-D real[]); this cuts
+-- it back into one vector per column, i.e. per position (unnest reads a slice out in storage order, row-major,
+-- so a column's values come in row order)
 CREATE FUNCTION columns_of(m real[]) RETURNS vector[]
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT ARRAY(SELECT ARRAY(SELECT unnest(m[:][j:j]))::vector FROM generate_series(1, array_length(m, 2)) AS j
                  ORDER BY j)
-$$;
-
-CREATE FUNCTION rows_of(m real[]) RETURNS vector[]
-    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT ARRAY(SELECT ARRAY(SELECT unnest(m[i:i][:]))::vector FROM generate_series(1, array_length(m, 1)) AS i
-                 ORDER BY i)
 $$;
 
 -- SQL has no RAISE; the query calls this to stop with a message a user can act on
