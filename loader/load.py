@@ -187,6 +187,19 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
     return counts
 
 
+def drop(conn: psycopg.Connection, name: str) -> None:
+    """Drop the loaded model `name` (its schema, with everything in it), in one transaction; LoadError if there is
+    no such model or the schema is not one the loader made."""
+    check_name(name)
+    with conn.transaction():
+        kind = _existing(conn, name)
+        if kind is None:
+            raise LoadError(f"model {name!r} is not loaded (see `gpt-sql models`)")
+        if kind == "model":  # as a reload does: wait for running generations of this model, block new ones
+            conn.execute(sql.SQL("LOCK TABLE {}.hparams IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
 def _existing(conn: psycopg.Connection, name: str) -> str | None:
     """"model" if `name` is a loaded model to replace ("schema" if it lacks its hparams), None if there is no
     such schema; LoadError if it is a schema that is not a model (a reload drops the old schema with CASCADE:

@@ -24,7 +24,7 @@ from .grant import GrantError, grant
 from .engine import GenerationError, NumpyEngine, Params, check_text, generate_sql, next_sql, tokenize_sql
 from .models import ModelError, list_models, read_model, resolve_model
 from ..loader.checkpoint import DTYPES, CheckpointError, as_dtype, read_checkpoint
-from ..loader.load import LoadError, load
+from ..loader.load import LoadError, drop, load
 
 USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError)
 
@@ -204,6 +204,12 @@ def cmd_load(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drop(a: argparse.Namespace) -> int:
+    drop(connect(a.dsn), a.name)
+    print(f"dropped {a.name}")
+    return 0
+
+
 def cmd_grant(a: argparse.Namespace) -> int:
     if a.login and not a.create:
         raise UsageError("--login goes with --create (for an existing role: ALTER ROLE ... LOGIN)")
@@ -302,6 +308,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="how the weight matrices are stored: float32 (pgvector vector, default) or float16 "
                         "(halfvec: half the size, faster; activations are rounded to fp16 before each product)")
+
+    p = add("drop", cmd_drop, "remove a loaded model (its schema); refuses what is not a gpt-sql model")
+    p.add_argument("name", help="the model's schema, as `gpt-sql models` lists it")
 
     p = add("grant", cmd_grant, "let a role run models read-only: USAGE on their schemas and public, SELECT, EXECUTE")
     p.add_argument("role", type=role_name, help="the role (user) to grant")

@@ -1,0 +1,38 @@
+"""`gpt-sql drop NAME`: removes a loaded model, refuses anything else with one line, changes nothing then."""
+
+from __future__ import annotations
+
+import json
+
+from gpt_sql.loader.load import load
+from test_cli import gpt_sql
+from tiny import make_checkpoint
+
+
+def models() -> set[str]:
+    r = gpt_sql("models", "--json")
+    assert r.returncode == 0, r.stderr
+    return {m["name"] for m in json.loads(r.stdout)}
+
+
+def test_drop_removes_the_model(conn):
+    load(conn, make_checkpoint(n_embd=32, n_head=2, n_layer=1, n_ctx=32, seed=4), "drop_me", progress=False)
+    assert "drop_me" in models()
+    r = gpt_sql("drop", "drop_me")
+    assert r.returncode == 0 and r.stdout.strip() == "dropped drop_me", r.stderr
+    assert "drop_me" not in models()
+    assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'drop_me'").fetchone()[0] == 0
+
+
+def test_drop_refuses_what_is_not_a_model(conn):
+    conn.execute("CREATE SCHEMA IF NOT EXISTS user_data")
+    conn.execute("CREATE TABLE IF NOT EXISTS user_data.t (x int)")
+    before = models()
+    for name, message in [("public", "not a gpt-sql model"), ("user_data", "not a gpt-sql model"),
+                          ("no_such_model", "is not loaded"), ("Bad-Name", "must be lowercase")]:
+        r = gpt_sql("drop", name)
+        assert r.returncode == 1 and message in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert conn.execute("SELECT count(*) FROM user_data.t").fetchone()[0] == 0  # still there
+    assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'vector'").fetchone()[0] == 1
+    assert models() == before
