@@ -17,7 +17,8 @@ import psycopg
 from psycopg import sql
 
 from . import queries
-from .db import DatabaseError, connect, embedded_uri, pgdata_dir, stop_embedded
+from .db import (DatabaseError, connect, embedded_uri, fit_shared_buffers, memory_bytes, pgdata_dir, resolve_dsn,
+                 shared_buffers_status, stop_embedded)
 from .firstrun import choose_model
 from .progress import waiting
 from .grant import GrantError, grant
@@ -199,8 +200,13 @@ def cmd_load(a: argparse.Namespace) -> int:
     path = Path(a.path)
     ckpt = as_dtype(read_checkpoint(path), a.dtype)
     name = a.name or default_name(path)
-    counts = load(connect(a.dsn), ckpt, name)
+    conn = connect(a.dsn)
+    counts = load(conn, ckpt, name)
     print(f"loaded {name}: {ckpt.n_params:,} parameters ({a.dtype}), {sum(counts.values()):,} rows")
+    if resolve_dsn(a.dsn) is None:  # the embedded server: size its shared buffers to the models
+        note = fit_shared_buffers(conn)
+        if note:
+            print(note)
     return 0
 
 
@@ -243,6 +249,12 @@ def cmd_server(a: argparse.Namespace) -> int:
     elif a.action == "status":
         uri = embedded_uri(start=False)
         print(f"running: {uri}" if uri else f"not running (data in {pgdata_dir()})")
+        if uri:
+            with psycopg.connect(uri, autocommit=True) as conn:
+                now, want, size = shared_buffers_status(conn)
+            pending = "" if now == want else f"; {want:,} MB from the next start"
+            print(f"shared_buffers: {now:,} MB{pending} (loaded models: {size:,} MB on disk; "
+                  f"machine: {memory_bytes() // 2**30} GB; sized to hold the models, at most half the memory)")
     else:
         print("stopped" if stop_embedded() else "was not running")
     return 0

