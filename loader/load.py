@@ -37,7 +37,6 @@ def schema_sql(dtype: str = "float32") -> str:
     return "\n".join(resources.files("gpt_sql.sql").joinpath(f).read_text(encoding="utf-8") for f in files)
 
 
-
 def tokenizer_rows(ckpt: Checkpoint) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """(tokens, merges, byte_tokens) rows; raises CheckpointError if the tokenizer is not GPT-2's byte-level BPE."""
     byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
@@ -88,6 +87,7 @@ def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tup
 
 
 def halfvec_tables(cur: psycopg.Cursor, schema: str) -> set[str]:
+    """The tables whose weights are halfvec (float16.sql), to COPY them as such."""
     cur.execute("SELECT table_name FROM information_schema.columns WHERE table_schema = %s AND column_name = 'w'"
                 " AND udt_name = 'halfvec'", (schema,))
     return {r[0] for r in cur.fetchall()}
@@ -150,8 +150,8 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
         conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(staging)))
         conn.execute(schema_sql(ckpt.dtype))
-        create_functions(conn.cursor(), staging)
         cur = conn.cursor()
+        create_functions(cur, staging)
         hp = ckpt.hparams
         cur.execute(
             "INSERT INTO hparams (n_vocab, n_ctx, n_embd, n_head, n_layer, eot, source, n_params, dtype)"

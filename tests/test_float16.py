@@ -84,3 +84,13 @@ def test_bad_dtype_and_out_of_range_weights_are_refused(tmp_path):
     write_hf(ckpt, tmp_path)
     r = gpt_sql("load", str(tmp_path), "--name", "f16_bad", "--dtype", "float16")
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "float16's range" in r.stderr
+
+
+def test_a_model_loaded_by_an_older_version_says_to_reload(conn, load_tiny):
+    """The query's helpers (as_weights, columns_of) live in each model's schema; without them, one line."""
+    from gpt_sql.runner.engine import GenerationError, generate_sql
+
+    load_tiny("old_tiny", **TINY)
+    conn.execute("DROP FUNCTION old_tiny.as_weights(vector) CASCADE")
+    with pytest.raises(GenerationError, match="loaded by an older gpt-sql .* load it again"):
+        list(generate_sql(conn, "old_tiny", Params("Happy New Year!", tokens=2)))
