@@ -104,6 +104,44 @@ def validate(ckpt: Checkpoint) -> Checkpoint:
     return ckpt
 
 
+def read_hparams(path: str | Path) -> dict[str, int] | None:
+    """A checkpoint directory's hparams alone (cheap: no tensors read), or None if it is not recognisably one."""
+    p = Path(path).expanduser()
+    if (p / "hparams.json").is_file():
+        from .openai_format import _read_hparams as read_openai_hparams
+        return read_openai_hparams(p / "hparams.json")
+    if (p / "config.json").is_file():
+        from .hf_format import _read_hparams as read_hf_hparams
+        return read_hf_hparams(p / "config.json")
+    return None
+
+
+def room_needed(hp: dict[str, int], dtype: str) -> tuple[int, int]:
+    """(memory to read and load the checkpoint, disk it takes in the database), in bytes, estimated from its
+    shapes. The checkpoint is read whole as float32 (an fp16 load keeps a rounded copy too); a table row holds
+    one output column, and rows that do not share a page leave the rest of it empty."""
+    n_params = sum(int(np.prod(shape)) for shape in param_shapes(hp).values())
+    weight = 2 if dtype == "float16" else 4
+    memory = n_params * 4 * (2 if dtype == "float16" else 1) * 5 // 4
+    row = hp["n_embd"] * weight + 8 + 32  # the vector, its header, the tuple header and the row's other columns
+    rows_per_page = max(1, 8160 // (row + 4))
+    disk = n_params * weight * 8192 // (rows_per_page * hp["n_embd"] * weight)
+    return memory, disk
+
+
+def check_room(hp: dict[str, int], dtype: str, free_memory: int, free_disk: int | None) -> None:
+    """Refuse, before reading anything big, a load this machine has no room for (free_disk None: not ours to
+    know, e.g. a remote server)."""
+    memory, disk = room_needed(hp, dtype)
+    gb = 2**30
+    if memory > free_memory:
+        raise CheckpointError(f"loading this model needs about {memory / gb:.1f} GB of memory ({dtype}); "
+                              f"{free_memory / gb:.1f} GB is available")
+    if free_disk is not None and disk > free_disk:
+        raise CheckpointError(f"this model takes about {disk / gb:.1f} GB in the database ({dtype}); "
+                              f"{free_disk / gb:.1f} GB of disk is free there")
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read an OpenAI (TF) or Hugging Face GPT-2 checkpoint directory, detected by its files."""
     p = Path(path).expanduser()

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -17,14 +18,14 @@ import psycopg
 from psycopg import sql
 
 from . import queries
-from .db import (DatabaseError, connect, embedded_uri, fit_shared_buffers, memory_bytes, pgdata_dir, resolve_dsn,
-                 shared_buffers_status, stop_embedded)
+from .db import (DatabaseError, connect, embedded_uri, fit_shared_buffers, memory_available, memory_bytes, pgdata_dir,
+                 resolve_dsn, shared_buffers_status, stop_embedded)
 from .firstrun import choose_model
 from .progress import waiting
 from .grant import GrantError, grant
 from .engine import GenerationError, NumpyEngine, Params, check_text, generate_sql, next_sql, tokenize_sql
 from .models import ModelError, list_models, read_model, resolve_model
-from ..loader.checkpoint import DTYPES, CheckpointError, as_dtype, read_checkpoint
+from ..loader.checkpoint import DTYPES, CheckpointError, as_dtype, check_room, read_checkpoint, read_hparams
 from ..loader.load import LoadError, drop, load
 
 USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError)
@@ -198,9 +199,13 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 def cmd_load(a: argparse.Namespace) -> int:
     path = Path(a.path)
+    conn = connect(a.dsn)
+    hp = read_hparams(path)
+    if hp is not None:  # refuse early what cannot fit, rather than be killed half-way for lack of memory
+        embedded = resolve_dsn(a.dsn) is None
+        check_room(hp, a.dtype, memory_available(), shutil.disk_usage(pgdata_dir()).free if embedded else None)
     ckpt = as_dtype(read_checkpoint(path), a.dtype)
     name = a.name or default_name(path)
-    conn = connect(a.dsn)
     counts = load(conn, ckpt, name)
     print(f"loaded {name}: {ckpt.n_params:,} parameters ({a.dtype}), {sum(counts.values()):,} rows")
     if resolve_dsn(a.dsn) is None:  # the embedded server: size its shared buffers to the models

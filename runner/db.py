@@ -58,6 +58,12 @@ def memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
 
 
+def memory_available() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def shared_buffers_status(conn: psycopg.Connection) -> tuple[int, int, int]:
     """(shared_buffers now, what the loaded models want, their size), in MB."""
     now = int(conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()[0]) // MB

@@ -26,3 +26,20 @@ def test_status_shows_shared_buffers_and_why(dsn):
     assert r.returncode == 0, r.stderr
     line = next(line for line in r.stdout.splitlines() if line.startswith("shared_buffers:"))
     assert "MB" in line and "loaded models" in line and "machine" in line
+
+
+def test_a_load_that_cannot_fit_is_refused_before_reading():
+    import pytest
+
+    from gpt_sql.loader.checkpoint import CheckpointError, check_room, room_needed
+
+    xl = dict(n_vocab=50257, n_ctx=1024, n_embd=1600, n_head=25, n_layer=48)
+    memory, disk = room_needed(xl, "float32")
+    assert 6 * GB < memory < 9 * GB and 7 * GB < disk < 8.5 * GB  # 1.56 B weights: 6.2 GB, 1 row a page
+    assert room_needed(xl, "float16")[1] < disk / 1.8                 # halfvec: two rows a page, 2 bytes a weight
+    check_room(xl, "float32", free_memory=16 * GB, free_disk=20 * GB)  # fits: no error
+    check_room(xl, "float32", free_memory=16 * GB, free_disk=None)     # a remote server's disk is not ours to know
+    with pytest.raises(CheckpointError, match=r"needs about 7\.\d GB of memory .* 4\.0 GB is available"):
+        check_room(xl, "float32", free_memory=4 * GB, free_disk=20 * GB)
+    with pytest.raises(CheckpointError, match=r"takes about 7\.\d GB in the database .* 2\.0 GB of disk is free"):
+        check_room(xl, "float32", free_memory=16 * GB, free_disk=2 * GB)
