@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from psycopg import sql
@@ -25,7 +26,7 @@ from gpt_sql.loader.checkpoint import DTYPES, as_dtype, read_checkpoint
 from gpt_sql.loader.download import default_cache_dir
 from gpt_sql.loader.load import load
 from gpt_sql.runner.db import connect
-from gpt_sql.runner.engine import NumpyEngine, Params, generate_sql
+from gpt_sql.runner.engine import NumpyEngine, Params, Token, generate_sql
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,23 +62,23 @@ def prompt_of(engine: NumpyEngine, n_tokens: int) -> str:
     return prompt
 
 
-def sql_timings(conn, schema: str, prompt: str, n_new: int) -> list[float]:
-    """Seconds from the query's start to the first token (prefill), then between consecutive tokens."""
-    times, t = [], time.perf_counter()
-    for _ in generate_sql(conn, schema, Params(prompt, tokens=n_new, top_n=1)):
+def timed(tokens: Iterable[Token]) -> tuple[list[float], list[int]]:
+    """Seconds from the start to the first token (prefill), then between consecutive tokens; and the tokens."""
+    times, ids, t = [], [], time.perf_counter()
+    for token in tokens:
         now = time.perf_counter()
         times.append(now - t)
+        ids.append(token.token)
         t = now
-    return times
+    return times, ids
 
 
-def numpy_timings(engine: NumpyEngine, prompt: str, n_new: int) -> list[float]:
-    times, t = [], time.perf_counter()
-    for _ in engine.generate(Params(prompt, tokens=n_new, top_n=1)):
-        now = time.perf_counter()
-        times.append(now - t)
-        t = now
-    return times
+def sql_timings(conn, schema: str, prompt: str, n_new: int) -> tuple[list[float], list[int]]:
+    return timed(generate_sql(conn, schema, Params(prompt, tokens=n_new, top_n=1)))
+
+
+def numpy_timings(engine: NumpyEngine, prompt: str, n_new: int) -> tuple[list[float], list[int]]:
+    return timed(engine.generate(Params(prompt, tokens=n_new, top_n=1)))
 
 
 def reset_peak_rss() -> None:
@@ -135,12 +136,12 @@ def main() -> int:
     sql_timings(run, schema, prompt_of(engine, 5), 2)  # warm the caches once
 
     # One generation per prompt length: its first row's arrival is the prefill, the gaps after it the decode steps
-    rows, raw, decode = [], {}, {}
+    rows, raw, decode, same = [], {}, {}, []
     positions = [int(x) for x in a.positions.split(",")]
     for pos in positions:
         p = prompt_of(engine, pos)
-        s = sql_timings(run, schema, p, a.steps + 1)
-        n_ = numpy_timings(engine, p, a.steps + 1)
+        (s, sql_ids), (n_, numpy_ids) = sql_timings(run, schema, p, a.steps + 1), numpy_timings(engine, p, a.steps + 1)
+        same.append(sql_ids == numpy_ids)
         rows.append((f"prefill, {pos}-token prompt (time to the first token)", s[0], n_[0]))
         decode[pos] = (statistics.median(s[1:]), statistics.median(n_[1:]))
         raw[f"prompt_{pos}"] = {"sql_s": s, "numpy_s": n_}
@@ -153,8 +154,8 @@ def main() -> int:
     t = time.perf_counter()
     run.execute(complete, (p, n_new)).fetchone()
     function_s = time.perf_counter() - t
-    query_s = sum(sql_timings(run, schema, p, n_new))
-    numpy_s = sum(numpy_timings(engine, p, n_new))
+    query_s = sum(sql_timings(run, schema, p, n_new)[0])
+    numpy_s = sum(numpy_timings(engine, p, n_new)[0])
     rows.append((f"{n_new} tokens after a {positions[0]}-token prompt, the query (settings, streamed)", query_s, numpy_s))
     rows.append((f"the same from `SELECT {schema}.complete(prompt, {n_new}, 1, 1)`", function_s, numpy_s))
     first = positions[0]
@@ -171,6 +172,7 @@ def main() -> int:
              "", "| measurement | SQL (s) | NumPy (s) | SQL/NumPy |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {s:.3f} | {n:.4f} | {s / n:.1f}x |" for name, s, n in rows]
     lines += [""] + [f"- {r}" for r in ratios]
+    lines += [f"- greedy tokens equal to NumPy's: {sum(same)} of {len(same)} generations"]
     report = "\n".join(lines) + "\n"
     print(report)
     out = Path(a.out)
