@@ -43,13 +43,12 @@ def function_body(variant: str, arguments: str) -> str:
     return body
 
 
-def create_functions(cur, schema: str) -> None:
-    """Create the functions in `schema`, the schema being loaded (first on search_path): their bodies are
-    checked against its tables now, and run with the settings a generation needs."""
+def create_functions(cur) -> None:
+    """Create the functions in the schema being loaded (first on search_path), whose tables their bodies are
+    checked against now; set_function_search_path pins them once the schema has its final name."""
     for name, args, returns, variant, arguments in FUNCTIONS:
         cur.execute(sql.SQL("CREATE FUNCTION {}({}) RETURNS {} LANGUAGE sql VOLATILE AS {}").format(
             sql.Identifier(name), sql.SQL(args), sql.SQL(returns), sql.Literal(function_body(variant, arguments))))
-    set_function_search_path(cur, schema)
 
 
 def set_function_search_path(cur, schema: str) -> None:

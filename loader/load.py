@@ -151,7 +151,7 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
         conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(staging)))
         conn.execute(schema_sql(ckpt.dtype))
         cur = conn.cursor()
-        create_functions(cur, staging)
+        create_functions(cur)
         hp = ckpt.hparams
         cur.execute(
             "INSERT INTO hparams (n_vocab, n_ctx, n_embd, n_head, n_layer, eot, source, n_params, dtype)"

@@ -199,16 +199,17 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 def cmd_load(a: argparse.Namespace) -> int:
     path = Path(a.path)
-    conn = connect(a.dsn)
+    embedded = resolve_dsn(a.dsn) is None
     hp = read_hparams(path)
     if hp is not None:  # refuse early what cannot fit, rather than be killed half-way for lack of memory
-        embedded = resolve_dsn(a.dsn) is None
-        check_room(hp, a.dtype, memory_available(), shutil.disk_usage(pgdata_dir()).free if embedded else None)
+        free_disk = shutil.disk_usage(pgdata_dir().parent).free if embedded and pgdata_dir().parent.exists() else None
+        check_room(hp, a.dtype, memory_available(), free_disk)
     ckpt = as_dtype(read_checkpoint(path), a.dtype)
     name = a.name or default_name(path)
+    conn = connect(a.dsn)
     counts = load(conn, ckpt, name)
     print(f"loaded {name}: {ckpt.n_params:,} parameters ({a.dtype}), {sum(counts.values()):,} rows")
-    if resolve_dsn(a.dsn) is None:  # the embedded server: size its shared buffers to the models
+    if embedded:  # size its shared buffers to the models
         note = fit_shared_buffers(conn)
         if note:
             print(note)
