@@ -189,7 +189,7 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
 
 def drop(conn: psycopg.Connection, name: str) -> None:
     """Drop the loaded model `name` (its schema, with everything in it), in one transaction; LoadError if there is
-    no such model or the schema is not one the loader made."""
+    no such model, the schema is not one the loader made, or objects outside it depend on it."""
     check_name(name)
     with conn.transaction():
         kind = _existing(conn, name)
@@ -197,7 +197,46 @@ def drop(conn: psycopg.Connection, name: str) -> None:
             raise LoadError(f"model {name!r} is not loaded (see `gpt-sql models`)")
         if kind == "model":  # as a reload does: wait for running generations of this model, block new ones
             conn.execute(sql.SQL("LOCK TABLE {}.hparams IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(name)))
+        _refuse_outside_dependents(conn, name)
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+# What DROP SCHEMA ... CASCADE would take with it: everything in the schema, then (transitively) whatever depends
+# on those objects. An object without a schema of its own (a view's rule, a column default, a trigger, a foreign
+# key) counts as its table's or view's, named through its internal or automatic dependency on that relation.
+_OUTSIDE_QUERY = """
+WITH RECURSIVE doomed(classid, objid) AS (
+    SELECT d.classid, d.objid FROM pg_depend d
+    WHERE d.refclassid = 'pg_namespace'::regclass
+      AND d.refobjid = (SELECT oid FROM pg_namespace WHERE nspname = %(s)s)
+  UNION
+    SELECT d.classid, d.objid FROM pg_depend d JOIN doomed o ON d.refclassid = o.classid AND d.refobjid = o.objid
+    WHERE d.deptype IN ('n', 'a', 'i')
+)
+SELECT DISTINCT coalesce(owner.what, pg_describe_object(o.classid, o.objid, 0))
+FROM doomed o
+CROSS JOIN LATERAL pg_identify_object(o.classid, o.objid, 0) id
+LEFT JOIN LATERAL (
+    SELECT c.relnamespace::regnamespace::text AS schema, pg_describe_object('pg_class'::regclass, c.oid, 0) AS what
+    FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid
+    WHERE d.classid = o.classid AND d.objid = o.objid AND d.refclassid = 'pg_class'::regclass
+      AND d.deptype IN ('a', 'i')
+    LIMIT 1
+) owner ON id.schema IS NULL
+WHERE coalesce(id.schema, owner.schema) IS DISTINCT FROM %(s)s
+  AND id.schema IS DISTINCT FROM 'pg_toast'  -- a table's TOAST goes with its table, reported itself if outside
+ORDER BY 1
+"""
+
+
+def _refuse_outside_dependents(conn: psycopg.Connection, name: str) -> None:
+    """LoadError if dropping schema `name` would also drop objects outside it (a user's view over the model's
+    `complete()`, say): CASCADE would remove them silently."""
+    outside = [r[0] for r in conn.execute(_OUTSIDE_QUERY, {"s": name}).fetchall()]
+    if outside:
+        more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+        raise LoadError(f"model {name!r} is used by {', '.join(outside[:5])}{more}; "
+                        "drop or change those first (dropping the model would remove them too)")
 
 
 def _existing(conn: psycopg.Connection, name: str) -> str | None:

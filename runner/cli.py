@@ -327,7 +327,8 @@ def parser() -> argparse.ArgumentParser:
                    help="how the weight matrices are stored: float32 (pgvector vector, default) or float16 "
                         "(halfvec: half the size, faster; activations are rounded to fp16 before each product)")
 
-    p = add("drop", cmd_drop, "remove a loaded model (its schema); refuses what is not a gpt-sql model")
+    p = add("drop", cmd_drop, "remove a loaded model (its schema); refuses what is not a gpt-sql model, and a "
+                               "model that objects outside it (a view, a default) depend on")
     p.add_argument("name", help="the model's schema, as `gpt-sql models` lists it")
 
     p = add("grant", cmd_grant, "let a role run models read-only: USAGE on their schemas and public, SELECT, EXECUTE")

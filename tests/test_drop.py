@@ -36,3 +36,25 @@ def test_drop_refuses_what_is_not_a_model(conn):
     assert conn.execute("SELECT count(*) FROM user_data.t").fetchone()[0] == 0  # still there
     assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'vector'").fetchone()[0] == 1
     assert models() == before
+
+
+def test_drop_refuses_a_model_objects_outside_it_depend_on(conn):
+    """DROP SCHEMA ... CASCADE would also remove a user's view over the model or a default calling its functions;
+    drop refuses instead, and changes nothing."""
+    load(conn, make_checkpoint(n_embd=32, n_head=2, n_layer=1, n_ctx=32, seed=5), "used_model", progress=False)
+    conn.execute("CREATE SCHEMA reports")
+    conn.execute("CREATE VIEW reports.shapes AS SELECT n_embd FROM used_model.hparams")
+    conn.execute("CREATE VIEW reports.greetings AS SELECT used_model.tokenize('hi') AS ids")
+    conn.execute("CREATE TABLE reports.notes (ids int[] DEFAULT used_model.tokenize('note'))")
+    r = gpt_sql("drop", "used_model")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    for what in ("view reports.shapes", "view reports.greetings", "table reports.notes"):
+        assert what in r.stderr, r.stderr
+    assert "used_model" in models()
+    assert conn.execute("SELECT count(*) FROM reports.shapes").fetchone()[0] == 1
+    assert conn.execute("SELECT ids FROM reports.greetings").fetchone()[0] == conn.execute(
+        "SELECT used_model.tokenize('hi')").fetchone()[0]
+    conn.execute("DROP SCHEMA reports CASCADE")
+    r = gpt_sql("drop", "used_model")
+    assert r.returncode == 0 and r.stdout.strip() == "dropped used_model", r.stderr
+    assert "used_model" not in models()

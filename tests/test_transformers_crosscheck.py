@@ -25,7 +25,8 @@ def test_sql_probabilities_equal_transformers(conn, tmp_path, shape):
     ckpt = read_checkpoint(tmp_path)  # what gpt-sql load reads from the directory transformers reads too
     name = f"hf_x{shape['n_embd']}"
     load(conn, ckpt, name, progress=False)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    # .float() rather than torch_dtype=, which transformers 5 deprecates (its default dtype there is the config's)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).float().eval()
     eng = NumpyEngine(ckpt)
     n_vocab, worst = ckpt.hparams["n_vocab"], 0.0
     for prompt in PROMPTS:
