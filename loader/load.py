@@ -147,6 +147,8 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         register_vector(conn)
         replacing = _existing(conn, name)
+        if replacing:  # fail before the copy, not after it (checked again under the lock, before the drop)
+            _refuse_outside_dependents(conn, name, "reloading")
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(staging)))
         conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(staging)))
         conn.execute(schema_sql(ckpt.dtype))
@@ -179,6 +181,7 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
             if replacing == "model":
                 cur.execute(sql.SQL("LOCK TABLE {}.hparams IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(name)))
             copy_privileges(cur, name, staging)  # GRANTs (e.g. `gpt-sql grant`) outlive the reload
+            _refuse_outside_dependents(conn, name, "reloading")
             cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
         cur.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(staging), sql.Identifier(name)))
         set_function_search_path(cur, name)
@@ -229,14 +232,14 @@ ORDER BY 1
 """
 
 
-def _refuse_outside_dependents(conn: psycopg.Connection, name: str) -> None:
-    """LoadError if dropping schema `name` would also drop objects outside it (a user's view over the model's
-    `complete()`, say): CASCADE would remove them silently."""
+def _refuse_outside_dependents(conn: psycopg.Connection, name: str, doing: str = "dropping") -> None:
+    """LoadError if dropping schema `name` (for a drop, or to replace it by a reload) would also drop objects
+    outside it (a user's view over the model's `complete()`, say): CASCADE would remove them silently."""
     outside = [r[0] for r in conn.execute(_OUTSIDE_QUERY, {"s": name}).fetchall()]
     if outside:
         more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
         raise LoadError(f"model {name!r} is used by {', '.join(outside[:5])}{more}; "
-                        "drop or change those first (dropping the model would remove them too)")
+                        f"drop or change those first ({doing} the model would remove them too)")
 
 
 def _existing(conn: psycopg.Connection, name: str) -> str | None:

@@ -58,3 +58,20 @@ def test_drop_refuses_a_model_objects_outside_it_depend_on(conn):
     r = gpt_sql("drop", "used_model")
     assert r.returncode == 0 and r.stdout.strip() == "dropped used_model", r.stderr
     assert "used_model" not in models()
+
+
+def test_reload_refuses_to_remove_a_users_view_over_the_model(conn):
+    """A reload replaces the model's schema: it refuses, as drop does, rather than drop a user's view with it."""
+    import pytest
+
+    from gpt_sql.loader.load import LoadError
+
+    ckpt = make_checkpoint(n_embd=32, n_head=2, n_layer=1, n_ctx=32, seed=6)
+    load(conn, ckpt, "reload_used", progress=False)
+    conn.execute("CREATE SCHEMA IF NOT EXISTS user_views")
+    conn.execute("CREATE OR REPLACE VIEW user_views.sizes AS SELECT n_embd FROM reload_used.hparams")
+    with pytest.raises(LoadError, match=r"used by view user_views\.sizes.*reloading the model would remove"):
+        load(conn, ckpt, "reload_used", progress=False)
+    assert conn.execute("SELECT n_embd FROM user_views.sizes").fetchone()[0] == 32  # the view and the model stay
+    conn.execute("DROP VIEW user_views.sizes")
+    load(conn, ckpt, "reload_used", progress=False)
