@@ -6,6 +6,7 @@ Matrices are stored [n_in, n_out] (TF/Conv1D orientation), so `linear(x, w, b) =
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,18 +22,57 @@ class CheckpointError(Exception):
     """A checkpoint is missing, unreadable, or inconsistent; the message says which and why."""
 
 
+class LazyParams(Mapping[str, np.ndarray]):
+    """A checkpoint's tensors, each read from its file when asked for and not kept: `gpt-sql load` then holds one
+    tensor at a time (a layer's matrix, or the embeddings) instead of the whole checkpoint. Names and shapes are
+    known, and checked, without reading; values are checked (finite) as each tensor is read. `read(name)` returns a
+    new array on every call, which the caller owns (as_dtype rounds it in place)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray], source: str,
+                 check: bool = True) -> None:
+        self.shapes = shapes
+        self._read = read
+        self.source = source
+        self._check = check
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.shapes:
+            raise KeyError(name)
+        a = np.ascontiguousarray(self._read(name), dtype=np.float32).reshape(self.shapes[name])
+        if self._check and not np.all(np.isfinite(a)):
+            raise CheckpointError(f"{self.source}: tensor {name} holds NaN or infinite values")
+        return a
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def mapped(self, f: Callable[[str, np.ndarray], np.ndarray]) -> LazyParams:
+        """The same tensors passed through `f(name, tensor)` as each is read (values already checked)."""
+        return LazyParams(self.shapes, lambda name: f(name, self[name]), self.source, check=False)
+
+
 @dataclass
 class Checkpoint:
     hparams: dict[str, int]
     encoder: dict[str, int]  # token string in GPT-2's byte-to-unicode alphabet -> token id
     merges: list[tuple[str, str]]  # BPE merges in rank order
-    params: dict[str, np.ndarray] = field(repr=False)  # float32, names from param_shapes()
+    # float32, names from param_shapes(): a dict (read whole), or LazyParams (open_checkpoint: read as used)
+    params: Mapping[str, np.ndarray] = field(repr=False)
     source: str = ""  # where it came from, shown by `gpt-sql models`
     dtype: str = "float32"  # one of DTYPES; for float16 the matrices hold fp16 values (still as float32 arrays)
 
     @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        if isinstance(self.params, LazyParams):
+            return self.params.shapes
+        return {name: tuple(np.shape(a)) for name, a in self.params.items()}
+
+    @property
     def n_params(self) -> int:
-        return sum(int(a.size) for a in self.params.values())
+        return sum(int(np.prod(shape, dtype=np.int64)) for shape in self.shapes.values())
 
 
 def param_shapes(hp: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -60,20 +100,31 @@ def is_matrix(name: str) -> bool:
 
 
 def as_dtype(ckpt: Checkpoint, dtype: str) -> Checkpoint:
-    """The checkpoint with its matrices rounded to `dtype` (to nearest, as pgvector's cast to halfvec does)."""
+    """The checkpoint with its matrices rounded to `dtype` (to nearest, as pgvector's cast to halfvec does). A lazy
+    checkpoint stays lazy: each matrix is rounded (and range-checked) as it is read."""
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == ckpt.dtype or dtype == "float32":
         return ckpt if dtype == ckpt.dtype else replace(ckpt, dtype=dtype)
-    big = {k: a for k, a in ckpt.params.items() if is_matrix(k) and np.abs(a).max(initial=0) > np.finfo(np.float16).max}
-    if big:
-        raise CheckpointError(f"{ckpt.source}: {sorted(big)[0]} holds values beyond float16's range (65504)")
-    params = {k: a.astype(np.float16).astype(np.float32) if is_matrix(k) else a for k, a in ckpt.params.items()}
-    return replace(ckpt, params=params, dtype=dtype)
+
+    def rounded(name: str, a: np.ndarray, in_place: bool = False) -> np.ndarray:
+        if not is_matrix(name):
+            return a
+        if max(a.max(initial=0), -a.min(initial=0)) > np.finfo(np.float16).max:  # np.abs would copy a
+            raise CheckpointError(f"{ckpt.source}: {name} holds values beyond float16's range (65504)")
+        if not in_place:
+            return a.astype(np.float16).astype(np.float32)
+        np.copyto(a, a.astype(np.float16))  # no second float32 copy of the embeddings beside the first
+        return a
+
+    if isinstance(ckpt.params, LazyParams):  # each tensor read afresh: ours to round in place
+        return replace(ckpt, params=ckpt.params.mapped(lambda name, a: rounded(name, a, in_place=True)), dtype=dtype)
+    return replace(ckpt, params={k: rounded(k, a) for k, a in ckpt.params.items()}, dtype=dtype)
 
 
 def validate(ckpt: Checkpoint) -> Checkpoint:
-    """Check hparams, tokenizer and every tensor against each other; raise CheckpointError on the first mismatch."""
+    """Check hparams, tokenizer and every tensor against each other; raise CheckpointError on the first mismatch.
+    A lazy checkpoint's tensors are checked by shape here, and by value as they are read."""
     hp = ckpt.hparams
     missing = [k for k in HPARAM_KEYS if k not in hp]
     if missing:
@@ -88,19 +139,22 @@ def validate(ckpt: Checkpoint) -> Checkpoint:
             f"{ckpt.source}: the tokenizer has {len(ckpt.encoder)} tokens but n_vocab is {hp['n_vocab']}")
     if sorted(ckpt.encoder.values()) != list(range(hp["n_vocab"])):
         raise CheckpointError(f"{ckpt.source}: token ids are not exactly 0..n_vocab-1")
-    shapes = param_shapes(hp)
+    shapes, have = param_shapes(hp), ckpt.shapes
     for name, shape in shapes.items():
-        if name not in ckpt.params:
+        if name not in have:
             raise CheckpointError(f"{ckpt.source}: tensor {name} is missing")
-        a = ckpt.params[name]
-        if tuple(a.shape) != shape:
-            raise CheckpointError(f"{ckpt.source}: tensor {name} has shape {tuple(a.shape)}, hparams imply {shape}")
-        if not np.all(np.isfinite(a)):
-            raise CheckpointError(f"{ckpt.source}: tensor {name} holds NaN or infinite values")
-        ckpt.params[name] = np.ascontiguousarray(a, dtype=np.float32)
-    extra = set(ckpt.params) - set(shapes)
+        if have[name] != shape:
+            raise CheckpointError(f"{ckpt.source}: tensor {name} has shape {have[name]}, hparams imply {shape}")
+    extra = set(have) - set(shapes)
     if extra:
         raise CheckpointError(f"{ckpt.source}: unexpected tensors {sorted(extra)[:5]}")
+    if isinstance(ckpt.params, LazyParams):
+        return ckpt
+    for name in shapes:
+        a = ckpt.params[name]
+        if not np.all(np.isfinite(a)):
+            raise CheckpointError(f"{ckpt.source}: tensor {name} holds NaN or infinite values")
+        ckpt.params[name] = np.ascontiguousarray(a, dtype=np.float32)  # type: ignore[index]
     return ckpt
 
 
@@ -143,18 +197,25 @@ def check_room(hp: dict[str, int], dtype: str, free_memory: int, free_disk: int 
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read an OpenAI (TF) or Hugging Face GPT-2 checkpoint directory, detected by its files."""
+    """Read an OpenAI (TF) or Hugging Face GPT-2 checkpoint directory whole (every tensor in memory)."""
+    ckpt = open_checkpoint(path)
+    return replace(ckpt, params={name: ckpt.params[name] for name in ckpt.params})
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open an OpenAI (TF) or Hugging Face GPT-2 checkpoint directory, detected by its files: hparams, tokenizer
+    and every tensor's shape are read and checked now, the tensors themselves only when used (LazyParams)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     if not p.is_dir():
         raise CheckpointError(f"{p}: expected a checkpoint directory")
     if (p / "hparams.json").exists():
-        from .openai_format import read_openai
-        return validate(read_openai(p))
+        from .openai_format import open_openai
+        return validate(open_openai(p))
     if (p / "config.json").exists():
-        from .hf_format import read_hf
-        return validate(read_hf(p))
+        from .hf_format import open_hf
+        return validate(open_hf(p))
     raise CheckpointError(
         f"{p}: not a GPT-2 checkpoint (expected hparams.json + model.ckpt.* from OpenAI, "
         "or config.json + model.safetensors from Hugging Face)")

@@ -7,15 +7,15 @@ names change. Half-precision tensors are widened to float32 on reading.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, CheckpointError, param_shapes
+from .checkpoint import Checkpoint, CheckpointError, LazyParams, param_shapes
 from .openai_format import read_encoder, read_json, read_merges, write_merges
 
 ENDOFTEXT = "<|endoftext|>"
-NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 WRITE_DTYPES = {"float32": np.float32, "float16": np.float16}
 CONVERT_HINT = ("convert it with transformers: "
                 "GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)")
@@ -71,82 +71,123 @@ def _safetensors_files(d: Path) -> list[Path]:
     raise CheckpointError(f"{single}: missing model weights; download model.safetensors into {d}")
 
 
+# safetensors dtype -> how its bytes are read; BF16 is widened by hand (numpy has no bfloat16)
+STORED_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor's bytes are in a .safetensors file, from its header."""
+    path: Path
+    dtype: str  # the safetensors name: F32, F16, F64, BF16, ...
+    shape: tuple[int, ...]
+    start: int  # byte offsets in the file
+    end: int
+
+
 def _raw_header(path: Path) -> tuple[dict, int]:
-    """The safetensors JSON header and where tensor data starts; only needed for bf16."""
+    """The safetensors JSON header and where tensor data starts."""
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n)), 8 + n
 
 
-def _read_bf16(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    # numpy has no bfloat16; a bf16 value is the top half of a float32, so widen by shifting the bits
-    header, start = _raw_header(path)
-    out = {}
-    with path.open("rb") as f:
-        for name in names:
-            begin, end = header[name]["data_offsets"]
-            f.seek(start + begin)
-            raw = np.frombuffer(f.read(end - begin), dtype="<u2")
-            if raw.size != int(np.prod(header[name]["shape"], dtype=np.int64)):
-                raise CheckpointError(f"{path}: tensor {name} is truncated; re-download the file")
-            out[name] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(header[name]["shape"])
-    return out
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a .safetensors file as float32 (from F32, F16, F64 or BF16)."""
+def index_safetensors(path: Path) -> dict[str, Stored]:
+    """Every tensor of a .safetensors file, located from its header without reading any data. safetensors itself
+    checks the header against the file (JSON, dtypes, offsets that tile the file's length)."""
     from safetensors import SafetensorError, safe_open
 
-    out: dict[str, np.ndarray] = {}
-    bf16: list[str] = []
     try:
         with safe_open(str(path), framework="np") as f:
-            for name in f.keys():
-                dtype = f.get_slice(name).get_dtype()
-                if dtype == "BF16":
-                    bf16.append(name)
-                elif dtype in NUMPY_DTYPES:
-                    out[name] = np.asarray(f.get_tensor(name)).astype(np.float32, copy=False)
-                else:
-                    raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}; expected a float type")
-        out.update(_read_bf16(path, bf16))
+            names = list(f.keys())
+        header, data_start = _raw_header(path)
+        out = {}
+        for name in names:
+            begin, end = header[name]["data_offsets"]
+            out[name] = Stored(path, header[name]["dtype"], tuple(header[name]["shape"]), data_start + begin,
+                               data_start + end)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; re-download the model") from None
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({e}); re-download it") from None
     return out
 
 
-def read_hf(dir: Path) -> Checkpoint:
-    """Read a Hugging Face GPT-2 directory into canonical float32 parameters."""
+def read_stored(s: Stored, rows: slice | None = None) -> np.ndarray:
+    """One tensor (or `rows` of it) as float32, read with plain file reads: nothing else of the file is mapped or
+    kept, so reading tensor by tensor holds one at a time."""
+    if s.dtype not in STORED_DTYPES:
+        raise CheckpointError(f"{s.path}: tensor has dtype {s.dtype}; expected a float type")
+    stored = np.dtype(STORED_DTYPES[s.dtype])
+    shape = s.shape
+    start, size = s.start, s.end - s.start
+    if rows is not None:  # a block of rows of a matrix
+        row = int(np.prod(shape[1:], dtype=np.int64)) * stored.itemsize
+        first, stop, _ = rows.indices(shape[0])
+        shape = (max(0, stop - first), *shape[1:])
+        start, size = s.start + first * row, shape[0] * row
+    raw = np.empty(shape, dtype=stored)
+    if raw.nbytes != size:
+        raise CheckpointError(f"{s.path}: tensor of shape {s.shape} has {s.end - s.start} bytes; re-download it")
+    try:
+        with s.path.open("rb") as f:
+            f.seek(start)
+            got = f.readinto(memoryview(raw.reshape(-1)).cast("B")) if size else 0
+    except OSError as e:
+        raise CheckpointError(f"{s.path}: cannot read ({e.strerror}); re-download it") from None
+    if got != size:
+        raise CheckpointError(f"{s.path}: truncated; re-download it")
+    if s.dtype == "BF16":  # a bf16 value is the top half of a float32: widen by shifting the bits
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
+def _check_tied(wte: np.ndarray, lm_head: Stored, d: Path, block_bytes: int = 16 * 2**20) -> None:
+    """lm_head.weight, when saved, must equal wte (GPT-2 ties them); compared a block of rows at a time."""
+    if lm_head.shape != wte.shape:
+        raise CheckpointError(f"{d}: lm_head.weight differs from wte (untied output layer), which is unsupported")
+    step = max(1, block_bytes // max(1, wte[0].nbytes))
+    for first in range(0, wte.shape[0], step):
+        if not np.array_equal(read_stored(lm_head, slice(first, first + step)), wte[first:first + step]):
+            raise CheckpointError(f"{d}: lm_head.weight differs from wte (untied output layer), which is unsupported")
+
+
+def open_hf(dir: Path) -> Checkpoint:
+    """Open a Hugging Face GPT-2 directory: config, tokenizer and the tensors' places and shapes now, each tensor
+    (as float32) when it is used."""
     d = Path(dir)
     config = d / "config.json"
     hp = _read_hparams(config)
     encoder = read_encoder(d / "vocab.json")
     merges = read_merges(d / "merges.txt")
-    tensors: dict[str, np.ndarray] = {}
+    stored: dict[str, Stored] = {}
     for f in _safetensors_files(d):
-        for name, a in read_safetensors(f).items():
-            tensors[name.removeprefix("transformer.")] = a
-    lm_head = tensors.pop("lm_head.weight", None)
+        for name, s in index_safetensors(f).items():
+            stored[name.removeprefix("transformer.")] = s
+    lm_head = stored.pop("lm_head.weight", None)
     names = hf_names(hp["n_layer"])
-    params = {}
-    for name, shape in param_shapes(hp).items():
+    shapes = param_shapes(hp)
+    for name, shape in shapes.items():
         hf = names[name]
-        if hf not in tensors:
+        if hf not in stored:
             raise CheckpointError(f"{d}: tensor {hf} is missing; is this a GPT-2 checkpoint? re-download it")
-        a = tensors.pop(hf)
-        if a.shape != shape:
+        if stored[hf].shape != shape:
             raise CheckpointError(
-                f"{d}: tensor {hf} has shape {a.shape} but {config} implies {shape}; "
+                f"{d}: tensor {hf} has shape {stored[hf].shape} but {config} implies {shape}; "
                 "config.json does not belong to these weights")
-        params[name] = a
-    extra = sorted(n for n in tensors if not _is_buffer(n))
+        if stored[hf].dtype not in STORED_DTYPES:
+            raise CheckpointError(f"{stored[hf].path}: tensor {hf} has dtype {stored[hf].dtype}; expected a float type")
+    extra = sorted(n for n in set(stored) - set(names.values()) if not _is_buffer(n))
     if extra:
         raise CheckpointError(f"{d}: unexpected tensors {extra[:3]}; not a plain GPT-2 model")
-    if lm_head is not None and not np.array_equal(lm_head, params["wte"]):
-        raise CheckpointError(f"{d}: lm_head.weight differs from wte (untied output layer), which is unsupported")
-    return Checkpoint(hp, encoder, merges, params, source=str(d))
+
+    def read(name: str) -> np.ndarray:
+        a = read_stored(stored[names[name]])
+        if name == "wte" and lm_head is not None:
+            _check_tied(a, lm_head, d)
+        return a
+
+    return Checkpoint(hp, encoder, merges, LazyParams(shapes, read, str(d)), source=str(d))
 
 
 def write_hf(ckpt: Checkpoint, dir: Path, dtype: str = "float32") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from importlib import resources
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import psycopg
@@ -64,26 +64,48 @@ def tokenizer_rows(ckpt: Checkpoint) -> tuple[list[tuple], list[tuple], list[tup
 
 
 def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tuple]]]:
-    """(table, column types, rows) for every weight table, matrices as one output column per row."""
-    p, hp = ckpt.params, ckpt.hparams
-    d = hp["n_embd"]
-    yield "wte", ["int4", "vector"], ((i, row) for i, row in enumerate(p["wte"]))
-    yield "wpe", ["int4", "vector"], ((i, row) for i, row in enumerate(p["wpe"]))
+    """(table, column types, rows) for every weight table, matrices as one output column per row. Each tensor is
+    taken from ckpt.params once, as its rows are due, and let go after: with a lazily opened checkpoint
+    (open_checkpoint) the load holds one layer's matrix (or the embeddings) at a time, not the checkpoint."""
+    p, n_layer = ckpt.params, ckpt.hparams["n_layer"]
+    yield "wte", ["int4", "vector"], _embedding_rows(p, "wte")
+    yield "wpe", ["int4", "vector"], _embedding_rows(p, "wpe")
     for ln in ("ln_1", "ln_2"):
         yield ln, ["int4", "vector", "vector"], (
-            (i, p[f"h.{i}.{ln}.g"], p[f"h.{i}.{ln}.b"]) for i in range(hp["n_layer"]))
+            (i, p[f"h.{i}.{ln}.g"], p[f"h.{i}.{ln}.b"]) for i in range(n_layer))
     yield "ln_f", ["vector", "vector"], [(p["ln_f.g"], p["ln_f.b"])]
     for table, name in (("attn_c_attn", "attn.c_attn"), ("attn_c_proj", "attn.c_proj"), ("mlp_c_fc", "mlp.c_fc")):
-        yield table, ["int4", "int4", "vector", "float4"], (
-            (i, col, w_col, float(b))
-            for i in range(hp["n_layer"])
-            for col, (w_col, b) in enumerate(zip(np.ascontiguousarray(p[f"h.{i}.{name}.w"].T), p[f"h.{i}.{name}.b"])))
-    yield "mlp_c_proj", ["int4", "int4", "int4", "vector", "float4"], (
-        (i, chunk, col, w_col, float(b) if chunk == 0 else 0.0)
-        for i in range(hp["n_layer"])
-        for chunk in range(4)
-        for col, (w_col, b) in enumerate(zip(np.ascontiguousarray(p[f"h.{i}.mlp.c_proj.w"][chunk * d:(chunk + 1) * d].T),
-                                              p[f"h.{i}.mlp.c_proj.b"])))
+        yield table, ["int4", "int4", "vector", "float4"], _column_rows(p, name, n_layer)
+    yield "mlp_c_proj", ["int4", "int4", "int4", "vector", "float4"], _chunked_column_rows(p, ckpt.hparams)
+
+
+def _embedding_rows(p: Mapping[str, np.ndarray], name: str) -> Iterator[tuple]:
+    """(id, vector) rows; the table is read when the first row is asked for, and let go with the last."""
+    yield from enumerate(p[name])
+
+
+def _column_rows(p: Mapping[str, np.ndarray], name: str, n_layer: int) -> Iterator[tuple]:
+    """(layer, col, weights of that output column, its bias), a layer's matrix read at a time."""
+    for i in range(n_layer):
+        w = np.ascontiguousarray(p[f"h.{i}.{name}.w"].T)
+        b = p[f"h.{i}.{name}.b"]
+        for col in range(w.shape[0]):
+            yield i, col, w[col], float(b[col])
+        del w, b  # before the next layer's matrix is read
+
+
+def _chunked_column_rows(p: Mapping[str, np.ndarray], hp: dict[str, int]) -> Iterator[tuple]:
+    """mlp_c_proj's rows: its 4*n_embd inputs cut into four n_embd chunks (a vector per chunk and output column),
+    the bias on chunk 0."""
+    d = hp["n_embd"]
+    for i in range(hp["n_layer"]):
+        w = p[f"h.{i}.mlp.c_proj.w"]
+        b = p[f"h.{i}.mlp.c_proj.b"]
+        for chunk in range(4):
+            wc = np.ascontiguousarray(w[chunk * d:(chunk + 1) * d].T)
+            for col in range(d):
+                yield i, chunk, col, wc[col], float(b[col]) if chunk == 0 else 0.0
+        del w, b, wc
 
 
 def halfvec_tables(cur: psycopg.Cursor, schema: str) -> set[str]:
@@ -141,7 +163,7 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
     staging = f"{name}__loading"
     if progress is None:
         progress = sys.stderr.isatty()
-    total_bytes = sum(a.nbytes for a in ckpt.params.values())
+    total_bytes = ckpt.n_params * 4  # the weights as float32 arrays, as _copy counts them
     counts: dict[str, int] = {}
     with conn.transaction():
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .checkpoint import HPARAM_KEYS, Checkpoint, CheckpointError, param_shapes
+from .checkpoint import HPARAM_KEYS, Checkpoint, CheckpointError, LazyParams, param_shapes
 
 TABLE_MAGIC = 0xDB4775248B80FB57  # LevelDB's kTableMagicNumber, shared by TF's table format
 FOOTER_SIZE = 48  # two BlockHandles padded to 40 bytes + 8-byte magic
@@ -260,12 +260,9 @@ def _check_entry(name: str, e: BundleEntry, index_path: Path, num_shards: int) -
         raise CheckpointError(f"{index_path}: tensor {name} is in shard {e.shard_id} of {num_shards}; {REDOWNLOAD}")
 
 
-def read_tf_bundle(prefix: Path, names: list[str] | None = None, verify_crc: bool = False) -> dict[str, np.ndarray]:
-    """Float32 tensors (all, or `names`) from the V2 checkpoint `prefix` (`prefix.index` + data shards).
-
-    Sizes are always checked; `verify_crc` also checks each tensor's crc32c, which in pure Python
-    takes minutes for a full-size model, hence off by default.
-    """
+def locate_tf_tensors(prefix: Path, names: list[str] | None = None) -> dict[str, tuple[Path, BundleEntry]]:
+    """Where each float32 tensor (all, or `names`) of the V2 checkpoint `prefix` lives: its data shard and index
+    entry, checked against the index and the shards' sizes without reading any tensor."""
     index_path = prefix.with_name(prefix.name + ".index")
     num_shards, entries = read_bundle_index(index_path)
     wanted = list(entries) if names is None else names
@@ -273,38 +270,44 @@ def read_tf_bundle(prefix: Path, names: list[str] | None = None, verify_crc: boo
         if name not in entries:
             raise CheckpointError(f"{index_path}: tensor {name} is missing; is this a GPT-2 checkpoint? {REDOWNLOAD}")
         _check_entry(name, entries[name], index_path, num_shards)
-    by_shard: dict[int, list[str]] = {}
-    for name in wanted:
-        by_shard.setdefault(entries[name].shard_id, []).append(name)
-    out: dict[str, np.ndarray] = {}
-    for shard, shard_names in sorted(by_shard.items()):
-        out.update(_read_shard(shard_path(prefix, shard, num_shards), {n: entries[n] for n in shard_names},
-                               verify_crc))
-    return out
+    located = {name: (shard_path(prefix, entries[name].shard_id, num_shards), entries[name]) for name in wanted}
+    need: dict[Path, int] = {}
+    for path, e in located.values():
+        need[path] = max(need.get(path, 0), e.offset + e.size)
+    for path, n in sorted(need.items()):
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read data shard ({e.strerror}); {REDOWNLOAD}") from None
+        if n > size:
+            raise CheckpointError(f"{path}: data shard is truncated ({size} bytes, the index needs {n}); {REDOWNLOAD}")
+    return located
 
 
-def _read_shard(path: Path, entries: dict[str, BundleEntry], verify_crc: bool) -> dict[str, np.ndarray]:
+def read_tf_tensor(path: Path, name: str, e: BundleEntry, verify_crc: bool = False) -> np.ndarray:
+    """One float32 tensor from its data shard, read into a fresh array (one copy; nothing else is read or kept)."""
+    a = np.empty(e.size // 4, dtype="<f4")
     try:
-        f = path.open("rb")
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read data shard ({e.strerror}); {REDOWNLOAD}") from None
-    with f:
-        file_size = f.seek(0, 2)
-        need = max((e.offset + e.size for e in entries.values()), default=0)
-        if need > file_size:
-            raise CheckpointError(
-                f"{path}: data shard is truncated ({file_size} bytes, the index needs {need}); {REDOWNLOAD}")
-        out = {}
-        for name, e in entries.items():
-            # readinto a fresh array: one copy, and the result is writable (np.frombuffer's would not be)
-            a = np.empty(e.size // 4, dtype="<f4")
+        with path.open("rb") as f:
             f.seek(e.offset)
-            if f.readinto(memoryview(a).cast("B")) != e.size:
-                raise CheckpointError(f"{path}: short read of tensor {name}; {REDOWNLOAD}")
-            if verify_crc and masked_crc32c(a.tobytes()) != e.crc32c:
-                raise CheckpointError(f"{path}: checksum mismatch in tensor {name}; {REDOWNLOAD}")
-            out[name] = a.reshape(e.shape).astype(np.float32, copy=False)
-    return out
+            got = f.readinto(memoryview(a).cast("B")) if e.size else 0
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read data shard ({err.strerror}); {REDOWNLOAD}") from None
+    if got != e.size:
+        raise CheckpointError(f"{path}: short read of tensor {name}; {REDOWNLOAD}")
+    if verify_crc and masked_crc32c(a.tobytes()) != e.crc32c:
+        raise CheckpointError(f"{path}: checksum mismatch in tensor {name}; {REDOWNLOAD}")
+    return a.reshape(e.shape).astype(np.float32, copy=False)
+
+
+def read_tf_bundle(prefix: Path, names: list[str] | None = None, verify_crc: bool = False) -> dict[str, np.ndarray]:
+    """Float32 tensors (all, or `names`) from the V2 checkpoint `prefix` (`prefix.index` + data shards).
+
+    Sizes are always checked; `verify_crc` also checks each tensor's crc32c, which in pure Python
+    takes minutes for a full-size model, hence off by default.
+    """
+    return {name: read_tf_tensor(path, name, e, verify_crc)
+            for name, (path, e) in locate_tf_tensors(prefix, names).items()}
 
 
 # --- the OpenAI directory ----------------------------------------------------------------------------
@@ -392,8 +395,9 @@ def _read_hparams(path: Path) -> dict[str, int]:
     return {k: hp[k] for k in HPARAM_KEYS}
 
 
-def read_openai(dir: Path) -> Checkpoint:
-    """Read OpenAI's GPT-2 checkpoint directory into canonical float32 parameters."""
+def open_openai(dir: Path) -> Checkpoint:
+    """Open OpenAI's GPT-2 checkpoint directory: hparams, tokenizer and the tensors' places and shapes now, each
+    tensor (float32) when it is used."""
     d = Path(dir)
     hp = _read_hparams(d / "hparams.json")
     encoder = read_encoder(d / "encoder.json")
@@ -403,17 +407,20 @@ def read_openai(dir: Path) -> Checkpoint:
     if not index_path.exists():
         raise CheckpointError(f"{index_path}: missing TensorFlow checkpoint index; {REDOWNLOAD}")
     names = tf_names(hp["n_layer"])
-    tensors = read_tf_bundle(prefix, list(names.values()))
-    params = {}
-    for name, shape in param_shapes(hp).items():
-        a = tensors[names[name]]
-        want = tf_shape(name, shape)
-        if a.shape != want:
+    located = locate_tf_tensors(prefix, list(names.values()))
+    shapes = param_shapes(hp)
+    for name, shape in shapes.items():
+        have, want = located[names[name]][1].shape, tf_shape(name, shape)
+        if have != want:
             raise CheckpointError(
-                f"{index_path}: tensor {names[name]} has shape {a.shape} but {d / 'hparams.json'} implies {want}; "
+                f"{index_path}: tensor {names[name]} has shape {have} but {d / 'hparams.json'} implies {want}; "
                 "hparams.json does not belong to this checkpoint")
-        params[name] = a.reshape(shape)
-    return Checkpoint(hp, encoder, merges, params, source=str(d))
+
+    def read(name: str) -> np.ndarray:
+        path, e = located[names[name]]
+        return read_tf_tensor(path, names[name], e).reshape(shapes[name])
+
+    return Checkpoint(hp, encoder, merges, LazyParams(shapes, read, str(d)), source=str(d))
 
 
 def write_openai(ckpt: Checkpoint, dir: Path) -> None:

@@ -25,7 +25,8 @@ from .progress import waiting
 from .grant import GrantError, grant
 from .engine import GenerationError, NumpyEngine, Params, check_text, generate_sql, next_sql, tokenize_sql
 from .models import ModelError, list_models, read_model, resolve_model
-from ..loader.checkpoint import DTYPES, CheckpointError, as_dtype, check_room, read_checkpoint, read_hparams
+from ..loader.checkpoint import (DTYPES, CheckpointError, as_dtype, check_room, open_checkpoint, read_checkpoint,
+                                 read_hparams)
 from ..loader.load import LoadError, drop, load
 
 USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError)
@@ -204,7 +205,7 @@ def cmd_load(a: argparse.Namespace) -> int:
     if hp is not None:  # refuse early what cannot fit, rather than be killed half-way for lack of memory
         free_disk = shutil.disk_usage(pgdata_dir().parent).free if embedded and pgdata_dir().parent.exists() else None
         check_room(hp, a.dtype, memory_available(), free_disk)
-    ckpt = as_dtype(read_checkpoint(path), a.dtype)
+    ckpt = as_dtype(open_checkpoint(path), a.dtype)  # each tensor is read as the load copies it, then let go
     name = a.name or default_name(path)
     conn = connect(a.dsn)
     counts = load(conn, ckpt, name)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psycopg
 
-from ..loader.checkpoint import read_checkpoint
+from ..loader.checkpoint import open_checkpoint
 from ..loader.load import load
 from .models import ModelError, model_names, resolve_model
 
@@ -32,7 +32,7 @@ def choose_model(conn: psycopg.Connection, name: str | None) -> str:
     cached = default_cache_dir() / "124M"
     if (cached / "model.ckpt.index").exists():
         notice(f"no model loaded; loading GPT-2 124M from {cached}")
-        load(conn, read_checkpoint(cached), "gpt2_124m")
+        load(conn, open_checkpoint(cached), "gpt2_124m")
         return "gpt2_124m"
     try:
         path = download("124M", default_cache_dir(), progress=sys.stderr.isatty())
@@ -40,12 +40,12 @@ def choose_model(conn: psycopg.Connection, name: str | None) -> str:
         reason = str(e)
     else:
         notice("no model loaded; downloaded GPT-2 124M, loading it")
-        load(conn, read_checkpoint(path), "gpt2_124m")
+        load(conn, open_checkpoint(path), "gpt2_124m")
         return "gpt2_124m"
     if not (bundled_path() / "config.json").exists():
         raise ModelError(f"no model is loaded and GPT-2 could not be downloaded ({reason})")
     notice(f"no model loaded and GPT-2 is not available offline; using the bundled {BUNDLED} "
            "(a small model trained on Shakespeare). For GPT-2: `gpt-sql download 124M` where there is a network, "
            "or `gpt-sql load DIR`.")
-    load(conn, read_checkpoint(bundled_path()), BUNDLED)
+    load(conn, open_checkpoint(bundled_path()), BUNDLED)
     return BUNDLED
