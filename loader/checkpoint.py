@@ -170,30 +170,44 @@ def read_hparams(path: str | Path) -> dict[str, int] | None:
     return None
 
 
+WAL_ROOM = 2**30  # the embedded server's max_wal_size (PostgreSQL's default): the WAL a load may leave on disk
+
+
+def count_params(hp: dict[str, int]) -> int:
+    """GPT-2's parameter count from its hparams (param_shapes summed, without listing them)."""
+    d, n_layer = hp["n_embd"], hp["n_layer"]
+    return (hp["n_vocab"] + hp["n_ctx"]) * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
 def room_needed(hp: dict[str, int], dtype: str) -> tuple[int, int]:
-    """(memory to read and load the checkpoint, disk it takes in the database), in bytes, estimated from its
-    shapes. The checkpoint is read whole as float32 (an fp16 load keeps a rounded copy too); a table row holds
-    one output column, and rows that do not share a page leave the rest of it empty."""
-    n_params = sum(int(np.prod(shape)) for shape in param_shapes(hp).values())
+    """(memory to load the checkpoint, disk the load takes in the database), in bytes, estimated from its shapes.
+
+    Memory: the loader holds one tensor at a time (open_checkpoint), so the largest one (the token embeddings, or
+    a layer's MLP matrix) as float32, as much again for its temporaries (the file's own dtype, the finiteness
+    check, fp16 rounding), and 128 MB for the program. Disk: a table row holds one output column, and rows that
+    do not share a page leave the rest of it empty; the load also writes as much WAL, of which PostgreSQL keeps
+    up to max_wal_size (1 GB) until its next checkpoint."""
+    d = hp["n_embd"]
+    largest = max(hp["n_vocab"] * d, hp["n_ctx"] * d, 4 * d * d)
+    memory = 2 * largest * 4 + 128 * 2**20
     weight = 2 if dtype == "float16" else 4
-    memory = n_params * 4 * (2 if dtype == "float16" else 1) * 5 // 4
-    row = hp["n_embd"] * weight + 8 + 32  # the vector, its header, the tuple header and the row's other columns
+    row = d * weight + 8 + 32  # the vector, its header, the tuple header and the row's other columns
     rows_per_page = max(1, 8160 // (row + 4))
-    disk = n_params * weight * 8192 // (rows_per_page * hp["n_embd"] * weight)
-    return memory, disk
+    tables = count_params(hp) * weight * 8192 // (rows_per_page * d * weight)
+    return memory, tables + min(tables, WAL_ROOM)
 
 
 def check_room(hp: dict[str, int], dtype: str, free_memory: int, free_disk: int | None) -> None:
-    """Refuse, before reading anything big, a load this machine has no room for (free_disk None: not ours to
-    know, e.g. a remote server)."""
+    """Refuse, before reading any tensor, a load this machine has no room for (free_disk None: not ours to
+    know, e.g. a remote server): one line, rather than an out-of-memory kill or a full disk half-way."""
     memory, disk = room_needed(hp, dtype)
     gb = 2**30
+    if free_disk is not None and disk > free_disk:
+        raise CheckpointError(f"loading this model takes about {disk / gb:.1f} GB of disk in the database ({dtype}: "
+                              f"its tables and the WAL written meanwhile); {free_disk / gb:.1f} GB is free there")
     if memory > free_memory:
         raise CheckpointError(f"loading this model needs about {memory / gb:.1f} GB of memory ({dtype}); "
                               f"{free_memory / gb:.1f} GB is available")
-    if free_disk is not None and disk > free_disk:
-        raise CheckpointError(f"this model takes about {disk / gb:.1f} GB in the database ({dtype}); "
-                              f"{free_disk / gb:.1f} GB of disk is free there")
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,8 +17,8 @@ import psycopg
 from psycopg import sql
 
 from . import queries
-from .db import (DatabaseError, connect, embedded_uri, fit_shared_buffers, memory_available, memory_bytes, pgdata_dir,
-                 resolve_dsn, shared_buffers_status, stop_embedded)
+from .db import (DatabaseError, connect, embedded_uri, fit_shared_buffers, free_disk, memory_available, pgdata_dir,
+                 resolve_dsn, shared_buffers_hint, shared_buffers_status, stop_embedded)
 from .firstrun import choose_model
 from .progress import waiting
 from .grant import GrantError, grant
@@ -203,17 +202,15 @@ def cmd_load(a: argparse.Namespace) -> int:
     embedded = resolve_dsn(a.dsn) is None
     hp = read_hparams(path)
     if hp is not None:  # refuse early what cannot fit, rather than be killed half-way for lack of memory
-        free_disk = shutil.disk_usage(pgdata_dir().parent).free if embedded and pgdata_dir().parent.exists() else None
-        check_room(hp, a.dtype, memory_available(), free_disk)
+        check_room(hp, a.dtype, memory_available(), free_disk(pgdata_dir()) if embedded else None)
     ckpt = as_dtype(open_checkpoint(path), a.dtype)  # each tensor is read as the load copies it, then let go
     name = a.name or default_name(path)
     conn = connect(a.dsn)
     counts = load(conn, ckpt, name)
     print(f"loaded {name}: {ckpt.n_params:,} parameters ({a.dtype}), {sum(counts.values()):,} rows")
-    if embedded:  # size its shared buffers to the models
-        note = fit_shared_buffers(conn)
-        if note:
-            print(note)
+    note = fit_shared_buffers(conn) if embedded else shared_buffers_hint(conn)  # ours to size; else a hint
+    if note:
+        print(note)
     return 0
 
 
@@ -258,10 +255,7 @@ def cmd_server(a: argparse.Namespace) -> int:
         print(f"running: {uri}" if uri else f"not running (data in {pgdata_dir()})")
         if uri:
             with psycopg.connect(uri, autocommit=True) as conn:
-                now, want, size = shared_buffers_status(conn)
-            pending = "" if now == want else f"; {want:,} MB from the next start"
-            print(f"shared_buffers: {now:,} MB{pending} (loaded models: {size:,} MB on disk; "
-                  f"machine: {memory_bytes() // 2**30} GB; sized to hold the models, at most half the memory)")
+                print(shared_buffers_status(conn).describe())
     else:
         print("stopped" if stop_embedded() else "was not running")
     return 0

