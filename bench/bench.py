@@ -162,7 +162,7 @@ def main() -> int:
               f"NumPy {decode[pos][1] / decode[first][1]:.2f}x" for pos in positions[1:]]
     peak = backend_peak_rss_mb(run)
 
-    lines = [f"# gpt-sql benchmark", "", f"- model: {label} ({ckpt.n_params:,} parameters, {a.dtype} weights)",
+    lines = ["# gpt-sql benchmark", "", f"- model: {label} ({ckpt.n_params:,} parameters, {a.dtype} weights)",
              f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              f"server: {run.execute('SELECT version()').fetchone()[0].split(',')[0]}",
              f"- load: {load_s:.1f} s; database size: {size / 2**20:.0f} MB; "
