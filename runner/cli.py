@@ -93,7 +93,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         stream = engine.generate(p)
     else:
         conn = connect(a.dsn)
-        model = choose_model(conn, a.model)
+        model, loaded = choose_model(conn, a.model)
+        if loaded and resolve_dsn(a.dsn) is None:  # as `gpt-sql load` does: shared buffers for the new model
+            note = fit_shared_buffers(conn)
+            if note:
+                print(f"gpt-sql: {note}", file=sys.stderr)
+                conn = connect(a.dsn)  # a restart closed this session
         stream = generate_sql(conn, model, p, timeout_s=a.timeout)
     # The first token first: a refused parameter or a too long prompt fails before anything is printed.
     stream = iter(stream)

@@ -23,17 +23,18 @@ def notice(message: str) -> None:
     print(f"gpt-sql: {message}", file=sys.stderr)
 
 
-def choose_model(conn: psycopg.Connection, name: str | None) -> str:
-    """--model; a loaded model; GPT-2 124M from the download cache; a download; the bundled model. Never silent."""
+def choose_model(conn: psycopg.Connection, name: str | None) -> tuple[str, bool]:
+    """--model; a loaded model; GPT-2 124M from the download cache; a download; the bundled model. Never silent.
+    Returns the model and whether it was loaded just now."""
     if name or model_names(conn):
-        return resolve_model(conn, name)
+        return resolve_model(conn, name), False
     from ..loader.download import DownloadError, default_cache_dir, download
 
     cached = default_cache_dir() / "124M"
     if (cached / "model.ckpt.index").exists():
         notice(f"no model loaded; loading GPT-2 124M from {cached}")
         load(conn, open_checkpoint(cached), "gpt2_124m")
-        return "gpt2_124m"
+        return "gpt2_124m", True
     try:
         path = download("124M", default_cache_dir(), progress=sys.stderr.isatty())
     except DownloadError as e:
@@ -41,11 +42,11 @@ def choose_model(conn: psycopg.Connection, name: str | None) -> str:
     else:
         notice("no model loaded; downloaded GPT-2 124M, loading it")
         load(conn, open_checkpoint(path), "gpt2_124m")
-        return "gpt2_124m"
+        return "gpt2_124m", True
     if not (bundled_path() / "config.json").exists():
         raise ModelError(f"no model is loaded and GPT-2 could not be downloaded ({reason})")
     notice(f"no model loaded and GPT-2 is not available offline; using the bundled {BUNDLED} "
            "(a small model trained on Shakespeare). For GPT-2: `gpt-sql download 124M` where there is a network, "
            "or `gpt-sql load DIR`.")
     load(conn, open_checkpoint(bundled_path()), BUNDLED)
-    return BUNDLED
+    return BUNDLED, True
