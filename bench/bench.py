@@ -3,8 +3,9 @@
     python bench/bench.py [--size 124M|355M|774M|1558M] [--dtype float32|float16] [--checkpoint DIR] [--dsn DSN]
 
 Uses real GPT-2 weights when given (or found in the download cache); otherwise random weights of exactly the
-size's shapes with OpenAI's tokenizer from ../shared/gpt2, and says so. Prints a markdown table and writes it,
-with the raw figures, to the output directory.
+size's shapes with OpenAI's tokenizer from ../shared/gpt2, and says so (written to a temporary Hugging Face
+checkpoint, so that the load is `gpt-sql load` in a process of its own, timed and with its peak memory). Prints a
+markdown table and writes it, with the raw figures, to the output directory.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -23,8 +26,8 @@ from psycopg import sql
 
 from gpt_sql.loader.checkpoint import DTYPES, as_dtype, read_checkpoint
 from gpt_sql.loader.download import default_cache_dir
-from gpt_sql.loader.load import load
-from gpt_sql.runner.db import connect, fit_shared_buffers, resolve_dsn
+from gpt_sql.loader.hf_format import write_hf
+from gpt_sql.runner.db import connect
 from gpt_sql.runner.engine import NumpyEngine, Params, Token, generate_sql
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +38,12 @@ SIZES = {"124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36), 
 
 
 def model(checkpoint: str | None, size: str = "124M"):
+    """(checkpoint, label, its directory or None for random weights made in memory)."""
     if checkpoint:
-        return read_checkpoint(checkpoint), "real weights: " + checkpoint
+        return read_checkpoint(checkpoint), "real weights: " + checkpoint, Path(checkpoint)
     cached = default_cache_dir() / size
     if (cached / "model.ckpt.index").exists():
-        return read_checkpoint(cached), f"real weights: GPT-2 {size} from {cached}"
+        return read_checkpoint(cached), f"real weights: GPT-2 {size} from {cached}", cached
     sys.path.insert(0, str(REPO / "tests"))
     from tiny import SHARED_GPT2, make_checkpoint
 
@@ -48,7 +52,23 @@ def model(checkpoint: str | None, size: str = "124M"):
     n_embd, n_head, n_layer = SIZES[size]
     ckpt = make_checkpoint(n_embd=n_embd, n_head=n_head, n_layer=n_layer, n_ctx=1024, real_tokenizer=True,
                            scale=0.02, seed=0)
-    return ckpt, f"RANDOM weights with the exact GPT-2 {size} shapes and OpenAI's tokenizer (no real weights here)"
+    return (ckpt, f"RANDOM weights with the exact GPT-2 {size} shapes and OpenAI's tokenizer (no real weights here)",
+            None)
+
+
+def cli_load(path: Path, schema: str, dtype: str, dsn: str | None) -> tuple[float, float | None]:
+    """`gpt-sql load` as a user runs it, in a process of its own: (wall seconds, its peak resident MB). The peak is
+    the child's own VmHWM, polled: getrusage's ru_maxrss would carry this process's peak across fork and exec."""
+    cmd = [sys.executable, "-m", "gpt_sql.runner.cli", "load", str(path), "--name", schema, "--dtype", dtype]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd + (["--dsn", dsn] if dsn else []), stdout=subprocess.DEVNULL)
+    peak = None
+    while proc.poll() is None:
+        peak = max(peak or 0, peak_rss_mb(proc.pid) or 0) or None
+        time.sleep(0.02)
+    if proc.returncode:
+        sys.exit(f"bench: {' '.join(cmd)} failed with exit code {proc.returncode}")
+    return time.perf_counter() - t, peak
 
 
 def prompt_of(engine: NumpyEngine, n_tokens: int) -> str:
@@ -80,24 +100,8 @@ def numpy_timings(engine: NumpyEngine, prompt: str, n_new: int) -> tuple[list[fl
     return timed(engine.generate(Params(prompt, tokens=n_new, top_n=1)))
 
 
-def reset_peak_rss() -> None:
-    """Start this process's peak-memory count (VmHWM) afresh (Linux)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def own_peak_rss_mb() -> float | None:
-    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
-def backend_peak_rss_mb(conn) -> float | None:
-    """Peak resident memory of this connection's backend (VmHWM), when the server runs on this machine."""
-    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+def peak_rss_mb(pid: int) -> float | None:
+    """A process's peak resident memory (VmHWM), on Linux."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -105,6 +109,11 @@ def backend_peak_rss_mb(conn) -> float | None:
     except OSError:
         return None
     return None
+
+
+def backend_peak_rss_mb(conn) -> float | None:
+    """Peak resident memory of this connection's backend, when the server runs on this machine."""
+    return peak_rss_mb(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
 
 
 def main() -> int:
@@ -119,19 +128,18 @@ def main() -> int:
                                                                  "unless --checkpoint or the download cache has it)")
     a = ap.parse_args()
 
-    ckpt, label = model(a.checkpoint, a.size)
-    ckpt = as_dtype(ckpt, a.dtype)
+    ckpt, label, path = model(a.checkpoint, a.size)
     schema = f"bench_{a.size.lower()}" + ("_f16" if a.dtype == "float16" else "")
+    connect(a.dsn)  # start the embedded server before the load is timed
+    with tempfile.TemporaryDirectory(prefix="gpt-sql-bench-") as tmp:
+        if path is None:  # random weights: written as a Hugging Face checkpoint, so the load is the CLI's
+            write_hf(ckpt, Path(tmp))
+            path = Path(tmp)
+        # the CLI's load: streamed tensor by tensor, then shared buffers sized to the models (embedded server)
+        load_s, load_peak = cli_load(path, schema, a.dtype, a.dsn)
+    ckpt = as_dtype(ckpt, a.dtype)
     engine = NumpyEngine(ckpt)
     conn = connect(a.dsn)
-    reset_peak_rss()
-    t = time.perf_counter()
-    load(conn, ckpt, schema, progress=sys.stderr.isatty())
-    load_s = time.perf_counter() - t
-    load_peak = own_peak_rss_mb()
-    if resolve_dsn(a.dsn) is None:  # as `gpt-sql load` does: the embedded server's shared buffers hold the model
-        fit_shared_buffers(conn)
-        conn = connect(a.dsn)
     size = int(conn.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
                             "WHERE c.relnamespace = %s::regnamespace", (schema,)).fetchone()[0])
     run = connect(a.dsn)  # a fresh backend, so its peak memory is this benchmark's
@@ -168,8 +176,8 @@ def main() -> int:
     lines = ["# gpt-sql benchmark", "", f"- model: {label} ({ckpt.n_params:,} parameters, {a.dtype} weights)",
              f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              f"server: {run.execute('SELECT version()').fetchone()[0].split(',')[0]}",
-             f"- load: {load_s:.1f} s; database size: {size / 2**20:.0f} MB; "
-             f"peak memory of this process during the load (it holds the checkpoint too): {load_peak or 0:.0f} MB; "
+             f"- `gpt-sql load`: {load_s:.1f} s; database size: {size / 2**20:.0f} MB; "
+             f"peak memory of the load process: {load_peak or 0:.0f} MB; "
              f"peak backend memory: {peak or 0:.0f} MB",
              "", "| measurement | SQL (s) | NumPy (s) | SQL/NumPy |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {s:.3f} | {n:.4f} | {s / n:.1f}x |" for name, s, n in rows]

@@ -16,20 +16,23 @@ from ..runner import queries
 from ..runner.db import SESSION_SETTINGS
 
 # the CTE as sql/generate.sql writes it: from its name to the line that closes it
-SETTINGS_CTE = re.compile(r"^settings\(prompt, tokens, temperature, top_n, seed\) AS \(\n.*?\n\),$", re.M | re.S)
+SETTINGS_CTE = re.compile(r"^settings\(prompt, tokens, temperature, top_n, seed, inspect\) AS \(\n.*?\n\),$", re.M | re.S)
 
 # (name, arguments, what it returns, the query's final SELECT, the settings from the arguments, as text)
 FUNCTIONS = [
     ("generate",
      "prompt text, tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5, seed bigint DEFAULT 0",
      "TABLE (step int, token int, text text, bytes bytea, prob float8)",
-     "generate", "$1, $2::text, $3::text, $4::text, $5::text"),
+     "generate", "$1, $2::text, $3::text, $4::text, $5::text, 'off'"),
     ("complete",
      "prompt text, tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5, seed bigint DEFAULT 0",
-     "text", "text", "$1, $2::text, $3::text, $4::text, $5::text"),
+     "text", "text", "$1, $2::text, $3::text, $4::text, $5::text, 'off'"),
     ("next_tokens", "prompt text, top int DEFAULT 5, temperature float8 DEFAULT 1",
-     "TABLE (token int, text text, bytes bytea, prob float8)", "next", "$1, '1', $3::text, $2::text, '0'"),
-    ("tokenize", "prompt text", "int[]", "ids", "$1, '1', '1', '1', '0'"),
+     "TABLE (token int, text text, bytes bytea, prob float8)", "next", "$1, '1', $3::text, $2::text, '0', 'off'"),
+    ("tokenize", "prompt text", "int[]", "ids", "$1, '1', '1', '1', '0', 'off'"),
+    ("inspect", "prompt text",
+     "TABLE (kind text, layer int, head int, pos int, token int, prob float8, weights real[])", "inspect",
+     "$1, '1', '1', '1', '0', 'on'"),
 ]
 
 
@@ -37,9 +40,9 @@ def function_body(variant: str, arguments: str) -> str:
     """The query variant with the function's arguments where the settings were."""
     query = queries.query(variant)
     body, n = SETTINGS_CTE.subn(
-        lambda _: f"settings(prompt, tokens, temperature, top_n, seed) AS (\n    SELECT {arguments}\n),", query)
+        lambda _: f"settings(prompt, tokens, temperature, top_n, seed, inspect) AS (\n    SELECT {arguments}\n),", query)
     if n != 1:
-        raise RuntimeError("sql/generate.sql lost its settings(prompt, tokens, temperature, top_n, seed) CTE")
+        raise RuntimeError("sql/generate.sql lost its settings(prompt, tokens, temperature, top_n, seed, inspect) CTE")
     return body
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -22,13 +23,16 @@ from .db import (DatabaseError, connect, embedded_uri, fit_shared_buffers, free_
 from .firstrun import choose_model
 from .progress import waiting
 from .grant import GrantError, grant
-from .engine import GenerationError, NumpyEngine, Params, check_text, generate_sql, next_sql, tokenize_sql
+from . import inspect_view
+from .engine import (GenerationError, NumpyEngine, Params, check_text, generate_sql, inspect_sql, next_sql,
+                     tokenize_sql)
 from .models import ModelError, list_models, read_model, resolve_model
 from ..loader.checkpoint import (DTYPES, CheckpointError, as_dtype, check_room, open_checkpoint, read_checkpoint,
                                  read_hparams)
 from ..loader.load import LoadError, drop, load
 
-USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError)
+USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError,
+               inspect_view.InspectViewError)
 
 
 class UsageError(Exception):
@@ -155,6 +159,52 @@ def cmd_next(a: argparse.Namespace) -> int:
         for c in cands:
             print(f"  {c.prob:8.4f}  {c.token:>6}  {c.bytes.decode('utf-8', errors='replace')!r}")
     return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    if a.engine == "numpy":
+        engine = NumpyEngine(_numpy_checkpoint(a))
+        result = engine.inspect(a.prompt)
+        token_bytes = engine.tokenizer.token_bytes
+    else:
+        conn = connect(a.dsn)
+        model, loaded = choose_model(conn, a.model)
+        if loaded and resolve_dsn(a.dsn) is None:
+            note = fit_shared_buffers(conn)
+            if note:
+                print(f"gpt-sql: {note}", file=sys.stderr)
+                conn = connect(a.dsn)
+        with waiting("looking inside", enabled=sys.stderr.isatty() and not a.json):
+            result = inspect_sql(conn, model, a.prompt, timeout_s=a.timeout)
+        ids = sorted(set(result["tokens"]) | set(result["lens_tokens"].flatten().tolist()))
+        found = dict(conn.execute(sql.SQL("SELECT id, bytes FROM {}.tokens WHERE id = ANY(%s)").format(
+            sql.Identifier(model)), [ids]).fetchall())
+        token_bytes = lambda t: bytes(found[t])  # noqa: E731
+    data = {"tokens": result["tokens"], "attention": result["attention"].tolist(),
+            "lens": [[{"token": int(t), "prob": float(p)} for t, p in zip(ts, ps)]
+                     for ts, ps in zip(result["lens_tokens"], result["lens_probs"])]}
+    def text_of(token: int) -> str:
+        return token_bytes(token).decode("utf-8", errors="replace")
+    if a.png:
+        _write_png(data, text_of, Path(a.png))
+    if a.json:
+        print(json.dumps(data))
+    else:
+        print(inspect_view.render_terminal(data, text_of))
+    return 0
+
+
+def _write_png(data: dict, text_of: Callable[[int], str], path: Path) -> None:
+    """Drawn beside its destination, then moved in place: a failure leaves no partial picture."""
+    if not path.parent.is_dir():
+        raise UsageError(f"--png {path}: no such directory {path.parent}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
+    try:
+        inspect_view.render_png(data, text_of, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"gpt-sql: wrote {path}", file=sys.stderr)
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
@@ -307,15 +357,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
 
+    p = add("inspect", cmd_inspect, "look inside: every head's attention weights over the prompt, and the logit "
+                                     "lens (the most likely next token after each block), computed in SQL")
+    p.add_argument("prompt", type=prompt_text, help="the prompt ('' is <|endoftext|> alone)")
+    p.add_argument("--model", help="model (schema) name; default: the loaded model")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: tokens, attention[layer][head][query][key], "
+                        "lens[layer][position] = {token, prob}")
+    p.add_argument("--png", metavar="FILE", help="draw the attention maps and the lens into a PNG (needs matplotlib: "
+                                                "the [png] extra)")
+    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
+    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
+    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+
     p = add("tokenize", cmd_tokenize, "token ids of a text, from the SQL tokenizer")
     p.add_argument("text", nargs="?", type=prompt_text)
     p.add_argument("--jsonl", action="store_true", help="read one JSON string per stdin line, print one JSON list each")
     p.add_argument("--model")
 
     p = add("sql", cmd_sql, "print the query, for psql", db=False)
-    p.add_argument("variant", nargs="?", default="generate", choices=("generate", "text", "next", "tokenize"),
+    p.add_argument("variant", nargs="?", default="generate", choices=("generate", "text", "next", "inspect", "tokenize"),
                    help="generate: a row per token (default); text: the completion as one value; "
-                        "next: next-token candidates; tokenize: the prompt's tokens")
+                        "next: next-token candidates; inspect: attention weights and logit lens (SET gpt.inspect "
+                        "= on and gpt.tokens = 1 first); tokenize: the prompt's tokens")
 
     p = add("models", cmd_models, "list loaded models")
     p.add_argument("--json", action="store_true")

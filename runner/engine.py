@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
@@ -144,6 +145,26 @@ def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temper
             for token, _, data, prob in _rows(conn, model, "next", p.settings(), timeout_s)]
 
 
+def inspect_sql(conn: psycopg.Connection, model: str, prompt: str, timeout_s: float | None = None) -> dict:
+    """The prompt's attention weights and logit lens, computed by the query's inspect variant: a dict like
+    reference.Model.inspect's (numpy arrays)."""
+    check_fits(conn, model, prompt, 1)
+    settings = {**Params(prompt, tokens=1, top_n=1).settings(), "gpt.inspect": "on"}
+    rows = list(_rows(conn, model, "inspect", settings, timeout_s, stream=False))
+    tokens = [token for _, token in sorted((r[3], r[4]) for r in rows if r[0] == "token")]
+    lens = [r for r in rows if r[0] == "lens"]
+    attention = [r for r in rows if r[0] == "attention"]
+    n_layer, n_pos = 1 + max(r[1] for r in lens), len(tokens)
+    n_head = 1 + max(r[2] for r in attention)
+    weights = np.zeros((n_layer, n_head, n_pos, n_pos))
+    for _, layer, head, pos, _, _, w in attention:
+        weights[layer, head, pos, :len(w)] = w
+    lens_tokens, lens_probs = np.zeros((n_layer, n_pos), dtype=np.int64), np.zeros((n_layer, n_pos))
+    for _, layer, _, pos, token, prob, _ in lens:
+        lens_tokens[layer, pos], lens_probs[layer, pos] = token, prob
+    return {"tokens": tokens, "attention": weights, "lens_tokens": lens_tokens, "lens_probs": lens_probs}
+
+
 def tokenize_sql(conn: psycopg.Connection, model: str, text: str,
                  timeout_s: float | None = None) -> list[tuple[int, bytes]]:
     return [(token, bytes(data))
@@ -173,6 +194,11 @@ class NumpyEngine:
         if n_prompt + p.tokens > hp["n_ctx"]:
             raise GenerationError(f"the prompt is {n_prompt} tokens and {p.tokens} new tokens were asked for: "
                                   f"together at most n_ctx = {hp['n_ctx']} fit")
+
+    def inspect(self, prompt: str) -> dict:
+        ids = self.encode(prompt)
+        self.check(Params(prompt, tokens=1), len(ids))
+        return self.model.inspect(ids)
 
     def generate(self, p: Params) -> Iterator[Token]:
         ids = self.encode(p.prompt)

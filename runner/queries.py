@@ -25,6 +25,41 @@ FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.to
 WHERE g.kind = 'candidate' AND g.step = 1
 ORDER BY g.prob DESC, g.token;
 """,
+    # what the model computed for the prompt (gpt.inspect on, gpt.tokens 1): `gpt-sql inspect`
+    "inspect": """-- inspect: with gpt.inspect on, what the model saw in the prompt. Rows by kind:
+--   'token'     (pos, token)                  the prompt's tokens
+--   'attention' (layer, head, pos, weights)   a head's attention weights at query position pos over positions
+--                                             0 .. n - 1 (0 where the causal mask hides a key)
+--   'lens'      (layer, pos, token, prob)     the logit lens: ln_f and the unembedding (wte) applied to the
+--                                             residual stream after block `layer` at position pos, its most
+--                                             likely token and that token's probability (softmax, temperature 1)
+SELECT 'token' AS kind, NULL::int AS layer, NULL::int AS head, g.pos, g.token, NULL::float8 AS prob,
+       NULL::real[] AS weights
+FROM generate g, params p
+WHERE g.kind = 'token' AND g.step = 0
+  AND CASE WHEN NOT p.inspect
+           THEN raise_error('SET gpt.inspect = on first: the inspect query reads the values it keeps') ELSE 0 END = 0
+UNION ALL
+SELECT 'attention', g.layer, g.head, w.pos::int - 1, NULL, NULL, w.weights::real[]
+FROM generate g, unnest(g.vs) WITH ORDINALITY AS w(weights, pos)
+WHERE g.kind = 'attention' AND g.step = 1
+UNION ALL
+-- per block: ln_f at every position, then the logits as a matrix logits[id][position] from one ordered scan of
+-- wte (the linears' form; ids are 0 .. n_vocab - 1, so a token's id is its index - 1), then per position the
+-- first of the largest logits and its probability, one over the sum of exp(logit - largest)
+SELECT 'lens', x.layer - 1, NULL, l.pos - 1, l.token, l.prob, NULL
+FROM generate x,
+     LATERAL (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(unnest(h.hs), w.w)::real) FROM wte w ORDER BY w.id) AS logits
+              FROM (SELECT ARRAY(SELECT as_weights(layer_norm(unnest(x.vs), ln_f.g, ln_f.b))) AS hs FROM ln_f) h
+              OFFSET 0) m,
+     LATERAL (SELECT c.pos, array_position(c.logits, c.top) - 1 AS token,
+                     1 / (SELECT sum(exp(y::float8 - c.top)) FROM unnest(c.logits) AS y) AS prob
+              FROM (SELECT c.pos, c.logits, (SELECT max(y) FROM unnest(c.logits) AS y) AS top
+                    FROM (SELECT j AS pos, ARRAY(SELECT unnest(m.logits[:][j:j])) AS logits
+                          FROM generate_series(1, cardinality(x.vs)) AS j OFFSET 0) c OFFSET 0) c) l
+WHERE x.kind = 'x' AND x.step = 1
+ORDER BY kind DESC, layer, head, pos;
+""",
     # the prompt's token ids as one array (the tokenize() SQL function)
     "ids": """-- ids: the prompt's token ids as one array
 SELECT coalesce(array_agg(e.token ORDER BY e.pos), '{}') FROM encode e;
@@ -44,7 +79,7 @@ def generate_sql() -> str:
 
 
 def query(kind: str = "generate") -> str:
-    """`generate` (one row per new token), `text`, `next`, `tokenize` or `ids`."""
+    """`generate` (one row per new token), `text`, `next`, `inspect`, `tokenize` or `ids`."""
     base = generate_sql()
     if kind == "generate":
         return base

@@ -41,19 +41,22 @@ def ffn(x: np.ndarray, c_fc: dict, c_proj: dict) -> np.ndarray:
     return linear(gelu(linear(x, **c_fc)), **c_proj)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return softmax(q @ k.T / math.sqrt(q.shape[-1]) + mask) @ v
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(q k^T / sqrt(hd) + mask) @ v, and the softmax weights themselves (what `inspect` shows)."""
+    weights = softmax(q @ k.T / math.sqrt(q.shape[-1]) + mask)
+    return weights @ v, weights
 
 
 def mha(x: np.ndarray, c_attn: dict, c_proj: dict, n_head: int, cache: dict) -> np.ndarray:
-    """Causal attention of the new positions `x` over the cached positions plus themselves."""
+    """Causal attention of the new positions `x` over the cached positions plus themselves. The cache also keeps
+    the step's attention weights per head, for `inspect`."""
     q, k, v = np.split(linear(x, **c_attn), 3, axis=-1)
     cache["k"] = k = np.concatenate([cache["k"], k]) if "k" in cache else k
     cache["v"] = v = np.concatenate([cache["v"], v]) if "v" in cache else v
     n_new, n_all = q.shape[0], k.shape[0]
     mask = (1 - np.tri(n_new, n_all, k=n_all - n_new, dtype=x.dtype)) * -1e10
-    heads = [attention(qh, kh, vh, mask) for qh, kh, vh in
-             zip(*(np.split(a, n_head, axis=-1) for a in (q, k, v)))]
+    heads, cache["attention"] = zip(*(attention(qh, kh, vh, mask) for qh, kh, vh in
+                                      zip(*(np.split(a, n_head, axis=-1) for a in (q, k, v)))))
     return linear(np.hstack(heads), **c_proj)
 
 
@@ -65,12 +68,26 @@ def transformer_block(x: np.ndarray, mlp: dict, attn: dict, ln_1: dict, ln_2: di
 
 def gpt2(inputs: list[int], wte: np.ndarray, wpe: np.ndarray, blocks: list[dict], ln_f: dict, n_head: int,
          cache: list[dict], x_dtype: type = np.float32) -> np.ndarray:
-    """Logits for the new `inputs`, which follow the positions already in `cache` (one dict per block)."""
+    """Logits for the new `inputs`, which follow the positions already in `cache` (one dict per block; each also
+    keeps the residual stream after its block, "x", for the logit lens)."""
     n_past = cache[0]["k"].shape[0] if "k" in cache[0] else 0
     x = wte[inputs] + wpe[range(n_past, n_past + len(inputs))]
     for block, block_cache in zip(blocks, cache):
-        x = transformer_block(x, **block, n_head=n_head, cache=block_cache)
+        x = block_cache["x"] = transformer_block(x, **block, n_head=n_head, cache=block_cache)
+    return unembed(x, wte, ln_f, x_dtype)
+
+
+def unembed(x: np.ndarray, wte: np.ndarray, ln_f: dict, x_dtype: type = np.float32) -> np.ndarray:
     return linear(layer_norm(x, **ln_f), wte.T, np.float32(0), x_dtype)
+
+
+def logit_lens(x: np.ndarray, wte: np.ndarray, ln_f: dict, x_dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The residual stream `x` read as if it were the last block's output: per position, the most likely token
+    (the first of the largest logits) and its probability (softmax over the vocabulary, temperature 1)."""
+    logits = unembed(x, wte, ln_f, x_dtype)
+    tokens = np.argmax(logits, axis=-1)
+    probs = softmax(logits.astype(np.float64))
+    return tokens, probs[np.arange(len(tokens)), tokens]
 
 
 def nest_params(params: dict[str, np.ndarray], n_layer: int, x_dtype: type = np.float32) -> dict:
@@ -127,6 +144,16 @@ class Model:
 
     def logits(self, inputs: list[int], cache: list[dict]) -> np.ndarray:
         return gpt2(inputs, **self.p, n_head=self.hparams["n_head"], cache=cache, x_dtype=self.x_dtype)
+
+    def inspect(self, prompt: list[int]) -> dict:
+        """What the model computes for the prompt: the prompt's tokens, every head's attention weights
+        attention[layer][head][query][key] (0 past the causal mask), and the logit lens after each block:
+        lens_tokens[layer][position] and lens_probs[layer][position]."""
+        cache = self.new_cache()
+        self.logits(prompt, cache)
+        lens = [logit_lens(c["x"], self.p["wte"], self.p["ln_f"], self.x_dtype) for c in cache]
+        return {"tokens": list(prompt), "attention": np.array([c["attention"] for c in cache]),
+                "lens_tokens": np.array([t for t, _ in lens]), "lens_probs": np.array([p for _, p in lens])}
 
     def generate(self, prompt: list[int], n_tokens: int, temperature: float = 1.0, top_n: int = 5,
                  seed: int = 0, eot: int | None = None) -> Iterator[Step]:

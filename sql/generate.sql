@@ -6,16 +6,18 @@
 --   SET gpt.temperature = 1;             -- > 0
 --   SET gpt.top_n = 5;                   -- sample among the n most likely tokens; 1 = greedy
 --   SET gpt.seed = 0;                    -- step k draws u = first 52 bits of md5('<seed>:<k>') / 2^52
+--   SET gpt.inspect = off;               -- on: also keep every head's attention weights and the residual
+--                                        -- stream after each block (`gpt-sql sql inspect` reads them)
 -- One row per generated token, in order, as it is produced: step, token, its text, its bytes, its probability
 -- (softmax of logits / temperature over the whole vocabulary).
 -- Each CTE is named after its twin in runner/reference.py.
 WITH RECURSIVE
 -- settings: the parameters as text, from the gpt.* settings. A model's SQL functions (generate, complete,
 -- next_tokens, tokenize; loader/functions.py) are this same query with their arguments in this CTE's place
-settings(prompt, tokens, temperature, top_n, seed) AS (
+settings(prompt, tokens, temperature, top_n, seed, inspect) AS (
     SELECT current_setting('gpt.prompt', true), current_setting('gpt.tokens', true),
            current_setting('gpt.temperature', true), current_setting('gpt.top_n', true),
-           current_setting('gpt.seed', true)
+           current_setting('gpt.seed', true), current_setting('gpt.inspect', true)
 ),
 -- params: the settings, with defaults, checked before any work
 params AS (
@@ -25,7 +27,8 @@ params AS (
                          coalesce(nullif(settings.tokens, '')::int, 10) AS n_tokens,
                          coalesce(nullif(settings.temperature, '')::float8, 1) AS temperature,
                          coalesce(nullif(settings.top_n, '')::int, 5) AS top_n,
-                         coalesce(nullif(settings.seed, '')::bigint, 0) AS seed) s
+                         coalesce(nullif(settings.seed, '')::bigint, 0) AS seed,
+                         coalesce(nullif(settings.inspect, '')::bool, false) AS inspect) s
     WHERE CASE
         WHEN s.n_tokens < 1 THEN raise_error(format('gpt.tokens must be at least 1, got %s', s.n_tokens))
         WHEN NOT s.temperature > 0 OR s.temperature IN ('Infinity', 'NaN')
@@ -126,6 +129,8 @@ prompt AS (
 --   'candidate' (step, token, prob)      the top_n tokens the step sampled from
 --   'k'         (layer, head, vs)        the head's keys: one hd-vector per position so far
 --   'v'         (layer, head, vs)        the head's values transposed: one vector over the positions so far per column
+--   'attention' (step, layer, head, vs)  with gpt.inspect on: the head's attention weights, a vector per new position
+--   'x'         (step, layer, vs)        with gpt.inspect on: the residual stream after block layer - 1
 -- Within a step, the new positions travel together: activations are one vector[] (a vector per position), so
 -- each weight row is read once per layer and multiplied with every new position while it is at hand.
 generate AS (
@@ -212,26 +217,28 @@ generate AS (
                          ORDER BY u.j) AS v
             FROM qkv n
         ),
-        -- attention: softmax(q k^T / sqrt(hd) + causal mask) v, one row per head holding all its new positions'
-        -- outputs (o[position][column]). Per position, from the inside out: its scores against the cached
-        -- positions and the new ones up to itself (the causal mask is the LIMIT), their max, softmax's
-        -- numerators exp(s - max) as a vector over all positions (zeros past the mask) and their sum, then one
-        -- product per value column. OFFSET 0 computes each stage once: a flattened one would be evaluated again
-        -- at every use, e.g. per value column
+        -- softmax(q k^T / sqrt(hd) + causal mask), one row per head and new position: softmax's numerators
+        -- exp(s - max) as a vector over all positions (zeros past the mask) and their sum. From the inside out:
+        -- the position's scores against the cached positions and the new ones up to itself (the causal mask is
+        -- the LIMIT), their max, the numerators. OFFSET 0 computes each stage once: a flattened one would be
+        -- evaluated again at every use, e.g. per value column
+        softmax AS MATERIALIZED (
+            SELECT kv.head, e.p, (e.e || array_fill(0::float8, ARRAY[cardinality(kv.k) - cardinality(e.e)]))::vector AS e,
+                   (SELECT sum(y) FROM unnest(e.e) AS y) AS total
+            FROM kv, embed n, params pr, LATERAL (
+                SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
+                FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
+                      FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
+                                              FROM (SELECT unnest(kv.k) AS k) k
+                                              LIMIT n.n_past + q.p) AS s
+                            FROM unnest(kv.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
+        ),
+        -- attention: softmax @ v, one row per head holding all its new positions' outputs (o[position][column]):
+        -- one product of the numerators per value column, over their sum
         attention AS MATERIALIZED (
-            SELECT kv.head, ARRAY(
-                SELECT ARRAY(SELECT (inner_product(w.e, unnest(kv.v)) / w.total)::real)
-                FROM (SELECT e.p, (e.e || array_fill(0::float8, ARRAY[cardinality(kv.k) - cardinality(e.e)]))::vector AS e,
-                             (SELECT sum(y) FROM unnest(e.e) AS y) AS total
-                      FROM (SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
-                            FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
-                                  FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
-                                                          FROM (SELECT unnest(kv.k) AS k) k
-                                                          LIMIT e.n_past + q.p) AS s
-                                        FROM unnest(kv.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
-                      OFFSET 0) w
-                ORDER BY w.p) AS o
-            FROM kv, embed e, params pr
+            SELECT kv.head, ARRAY(SELECT ARRAY(SELECT (inner_product(s.e, unnest(kv.v)) / s.total)::real)
+                                  FROM softmax s WHERE s.head = kv.head ORDER BY s.p) AS o
+            FROM kv
         ),
         -- merge_heads: per new position, the heads' outputs side by side
         merge_heads AS MATERIALIZED (
@@ -290,7 +297,12 @@ generate AS (
         )
         SELECT 'x', layer + 1, NULL::int, xs FROM ffn
         UNION ALL SELECT 'k', (SELECT layer FROM x), head, k FROM kv
-        UNION ALL SELECT 'v', (SELECT layer FROM x), head, v FROM kv)
+        UNION ALL SELECT 'v', (SELECT layer FROM x), head, v FROM kv
+        -- with gpt.inspect on: the heads' attention weights, a vector over all positions per new position
+        UNION ALL SELECT 'attention', (SELECT layer FROM x), kv.head,
+                         ARRAY(SELECT ARRAY(SELECT y / s.total FROM unnest(s.e::real[]) AS y)::vector
+                               FROM softmax s WHERE s.head = kv.head ORDER BY s.p)
+                  FROM kv, params WHERE params.inspect)
     ),
     -- ln_f of the last position only (materialised: computed once, not once per wte row)
     last AS MATERIALIZED (
@@ -329,7 +341,13 @@ generate AS (
     FROM probs p, (SELECT max(step) AS step FROM inputs) i
     UNION ALL
     -- the cache: every layer's keys and values, one position longer
-    SELECT kind, NULL, layer, head, NULL, NULL, NULL, vs FROM blocks WHERE kind IN ('k', 'v'))
+    SELECT kind, NULL, layer, head, NULL, NULL, NULL, vs FROM blocks WHERE kind IN ('k', 'v')
+    UNION ALL
+    -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
+    -- after block l) for the logit lens
+    SELECT b.kind, i.step + 1, b.layer, b.head, NULL, NULL, NULL, b.vs
+    FROM blocks b, params, (SELECT max(step) AS step FROM inputs) i
+    WHERE params.inspect AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0))
 )
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)
