@@ -302,7 +302,7 @@ generate AS (
         UNION ALL SELECT 'attention', (SELECT layer FROM x), kv.head,
                          ARRAY(SELECT ARRAY(SELECT y / s.total FROM unnest(s.e::real[]) AS y)::vector
                                FROM softmax s WHERE s.head = kv.head ORDER BY s.p)
-                  FROM kv, params WHERE params.inspect)
+                  FROM kv WHERE (SELECT inspect FROM params))
     ),
     -- ln_f of the last position only (materialised: computed once, not once per wte row)
     last AS MATERIALIZED (
@@ -344,10 +344,11 @@ generate AS (
     SELECT kind, NULL, layer, head, NULL, NULL, NULL, vs FROM blocks WHERE kind IN ('k', 'v')
     UNION ALL
     -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
-    -- after block l) for the logit lens
+    -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
+    -- scan: every scan of blocks copies the whole cache
     SELECT b.kind, i.step + 1, b.layer, b.head, NULL, NULL, NULL, b.vs
-    FROM blocks b, params, (SELECT max(step) AS step FROM inputs) i
-    WHERE params.inspect AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0))
+    FROM blocks b, (SELECT max(step) AS step FROM inputs) i
+    WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0))
 )
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)
