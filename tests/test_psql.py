@@ -63,3 +63,22 @@ def test_query_has_no_gpt2_constants(literal):
     for name in ("generate.sql", "schema.sql"):
         text = re.sub(r"--[^\n]*", "", (REPO / "sql" / name).read_text(encoding="utf-8"))  # code, not comments
         assert not re.search(rf"(?<![\w.]){literal}(?![\w.])", text), f"{literal} in sql/{name}"
+
+
+def test_psql_inspect_variant(dsn, load_tiny):
+    """`gpt-sql sql inspect` in psql, after SET gpt.inspect = on: the lens and attention rows NumPy computes."""
+    ckpt = load_tiny("tiny_a", **TINY)
+    rows = psql(dsn, SETTINGS + "SET gpt.inspect = on;\nSET gpt.tokens = 1;\n" + queries.query("inspect"))
+    want = NumpyEngine(ckpt).inspect("I wish you a happy New")
+    n = len(want["tokens"])
+    assert [int(r[4]) for r in rows if r[0] == "token"] == want["tokens"]
+    lens = {(int(r[1]), int(r[3])): (int(r[4]), float(r[5])) for r in rows if r[0] == "lens"}
+    assert len(lens) == TINY["n_layer"] * n
+    for (layer, pos), (token, prob) in lens.items():
+        assert token == want["lens_tokens"][layer, pos]
+        assert prob == pytest.approx(want["lens_probs"][layer, pos], abs=1e-4)
+    attention = [r for r in rows if r[0] == "attention"]
+    assert len(attention) == TINY["n_layer"] * TINY["n_head"] * n
+    layer, head, pos, weights = attention[-1][1], attention[-1][2], attention[-1][3], attention[-1][6]
+    got = [float(w) for w in weights.strip("{}").split(",")]
+    assert got == pytest.approx(list(want["attention"][int(layer), int(head), int(pos)]), abs=1e-4)
