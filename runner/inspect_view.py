@@ -78,7 +78,7 @@ def render_terminal(data: dict, text_of: TextOf, width: int | None = None) -> st
     lines = [f"{len(data['tokens'])} tokens, {n_layer} layers x {n_head} heads", "",
              "logit lens: the most likely next token after each block, and its probability"]
     lines += lens_table(data, text_of, width)
-    lines += ["attention: per layer, the head that looks back most (mean weight off the diagonal)",
+    lines += ["attention: per layer, the head looking back most (mean weight off the diagonal)",
               "and its strongest pair, query -> earlier key"]
     lines += ["  " + line for line in backward_heads(attention, data["tokens"], text_of)]
     return "\n".join(line[:width] for line in lines)
