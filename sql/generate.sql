@@ -21,7 +21,7 @@ settings(prompt, tokens, temperature, top_n, seed, inspect) AS (
 ),
 -- params: the settings, with defaults, checked before any work
 params AS (
-    SELECT h.*, h.n_embd / h.n_head AS hd, s.*
+    SELECT h.*, h.n_embd / h.n_head AS hd, s.*, ceil(sqrt(s.n_tokens))::int AS chunk_steps
     FROM hparams h, settings,
          LATERAL (SELECT coalesce(settings.prompt, 'Happy New Year!') AS prompt,
                          coalesce(nullif(settings.tokens, '')::int, 10) AS n_tokens,
@@ -127,34 +127,47 @@ prompt AS (
 -- (the KV cache) in the recursive state, and samples one token. Row kinds:
 --   'token'     (step, pos, token, prob) a prompt token (step 0) or a sampled one
 --   'candidate' (step, token, prob)      the top_n tokens the step sampled from
---   'k'         (layer, head, vs)        the head's keys: one hd-vector per position so far
---   'v'         (layer, head, vs)        the head's values transposed: one vector over the positions so far per column
+--   'k'         (step, layer, head, vs)  the head's keys after the step: one hd-vector per position so far
+--   'v'         (step, layer, head, vs)  the head's values transposed: one vector over the positions so far per column
 --   'attention' (step, layer, head, vs)  with gpt.inspect on: the head's attention weights, a vector per new position
 --   'x'         (step, layer, vs)        with gpt.inspect on: the residual stream after block layer - 1
 -- Within a step, the new positions travel together: activations are one vector[] (a vector per position), so
 -- each weight row is read once per layer and multiplied with every new position while it is at hand.
+-- The steps run in chunks of chunk_steps (about the square root of gpt.tokens), a recursion within this one: a
+-- CTE keeps every row its recursion emits until the query ends, caches included, so one flat recursion would
+-- hold a cache per step (O(tokens^2) memory, spilled to temporary files: 1.5 GB for 200 tokens). The outer
+-- recursion keeps the cache of each chunk's last step only; the inner one's rows are dropped chunk by chunk.
 generate AS (
     SELECT 'token' AS kind, 0 AS step, NULL::int AS layer, NULL::int AS head, pos, token, NULL::float8 AS prob,
            NULL::vector[] AS vs
     FROM prompt
     UNION ALL
     (WITH RECURSIVE
+    -- chunk: the steps from the previous chunk's last one (its rows, not fresh) to chunk_steps further
+    chunk AS (
+        SELECT g.*, false AS fresh FROM generate g
+        UNION ALL
+    (WITH RECURSIVE
     -- state: the previous step's rows gathered into one: its tokens, and the cache as 2-D arrays with a row per
     -- (layer, head). The blocks read the cache through scalar subqueries, computed once per step and then used
-    -- in place: a CTE scan would copy every cache row each time a layer looks for its own
-    previous AS (SELECT * FROM generate),
+    -- in place: a CTE scan would copy every cache row each time a layer looks for its own. in_chunk: the rows
+    -- come from this chunk's own steps (false at its start, where they are the previous chunk's)
+    previous AS (SELECT * FROM chunk),
     state AS MATERIALIZED (
         SELECT array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'k') AS k,
                array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'v') AS v,
-               max(g.step) AS step,
+               max(g.step) AS step, bool_or(g.fresh) AS in_chunk,
                array_agg(g.pos ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS pos,
                array_agg(g.token ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS tokens
         FROM previous g
     ),
-    -- inputs: the whole prompt at step 0, then the last sampled token until the end
+    -- inputs: the whole prompt at step 0, then the last sampled token (a chunk's start sees all of the previous
+    -- chunk's tokens) until the end, or until the chunk has run chunk_steps steps
     inputs AS (
         SELECT s.step, t.pos, t.token FROM state s, unnest(s.pos, s.tokens) AS t(pos, token), params
-        WHERE s.step = 0 OR (s.step < params.n_tokens AND t.token <> params.eot)
+        WHERE s.step = 0
+           OR (t.pos = s.pos[cardinality(s.pos)] AND s.step < params.n_tokens AND t.token <> params.eot
+               AND (NOT s.in_chunk OR s.step % params.chunk_steps <> 0))
     ),
     -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type);
     -- n_past positions are in the cache
@@ -334,21 +347,26 @@ generate AS (
         WHERE s.cumulative > draw.u OR s.rank = s.n
         ORDER BY s.rank LIMIT 1
     )
-    SELECT 'token', i.step + 1, NULL::int, NULL::int, i.pos + 1, s.id, s.prob, NULL::vector[]
+    SELECT 'token', i.step + 1, NULL::int, NULL::int, i.pos + 1, s.id, s.prob, NULL::vector[], true
     FROM sample s, (SELECT max(step) AS step, max(pos) AS pos FROM inputs) i
     UNION ALL
-    SELECT 'candidate', i.step + 1, NULL, NULL, NULL, p.id, p.prob, NULL
+    SELECT 'candidate', i.step + 1, NULL, NULL, NULL, p.id, p.prob, NULL, true
     FROM probs p, (SELECT max(step) AS step FROM inputs) i
     UNION ALL
     -- the cache: every layer's keys and values, one position longer
-    SELECT kind, NULL, layer, head, NULL, NULL, NULL, vs FROM blocks WHERE kind IN ('k', 'v')
+    SELECT b.kind, i.step + 1, b.layer, b.head, NULL, NULL, NULL, b.vs, true
+    FROM blocks b, (SELECT max(step) AS step FROM inputs) i WHERE b.kind IN ('k', 'v')
     UNION ALL
     -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
     -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
     -- scan: every scan of blocks copies the whole cache
-    SELECT b.kind, i.step + 1, b.layer, b.head, NULL, NULL, NULL, b.vs
+    SELECT b.kind, i.step + 1, b.layer, b.head, NULL, NULL, NULL, b.vs, true
     FROM blocks b, (SELECT max(step) AS step FROM inputs) i
     WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0))
+    )
+    -- the chunk's own rows, and of its cache only the last step's (the next chunk's start)
+    SELECT kind, step, layer, head, pos, token, prob, vs FROM chunk, params p
+    WHERE fresh AND (kind NOT IN ('k', 'v') OR step % p.chunk_steps = 0))
 )
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)

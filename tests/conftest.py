@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,12 @@ os.environ["GPT_SQL_DATA"] = str(_TMP / "data")
 os.environ["GPT_SQL_CACHE"] = str(_TMP / "cache")
 for var in ("DATABASE_URL", "PGHOST", "PGDATABASE", "PGPORT", "PGUSER"):
     os.environ.pop(var, None)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The session's server is stopped by then (the dsn fixture's teardown): remove its data dir and caches, a GB
+    or more per run otherwise left in the temp dir."""
+    shutil.rmtree(_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
