@@ -21,7 +21,7 @@ settings(prompt, tokens, temperature, top_n, seed, inspect) AS (
 ),
 -- params: the settings, with defaults, checked before any work
 params AS (
-    SELECT h.*, h.n_embd / h.n_head AS hd, s.*, ceil(sqrt(s.n_tokens))::int AS chunk_steps
+    SELECT h.*, h.n_embd / h.n_head AS hd, s.*
     FROM hparams h, settings,
          LATERAL (SELECT coalesce(settings.prompt, 'Happy New Year!') AS prompt,
                          coalesce(nullif(settings.tokens, '')::int, 10) AS n_tokens,
@@ -123,6 +123,15 @@ prompt AS (
                                        'together at most n_ctx = %s fit', len.n, params.n_tokens, params.n_ctx))
                ELSE 0 END = 0
 ),
+-- chunking: how many steps a chunk of generate runs (see there). As many as half of work_mem holds caches of the
+-- final length (a cache is keys and values: 2 x n_layer x n_embd float4s per position), so a short generation is
+-- one chunk; and at least sqrt(tokens), which holds the fewest caches in all (tokens / chunk_steps + chunk_steps)
+chunking AS (
+    SELECT greatest(ceil(sqrt(p.n_tokens)),
+                    floor(pg_size_bytes(current_setting('work_mem')) / 2
+                          / (2 * p.n_layer * p.n_embd * 4 * (len.n + p.n_tokens))))::int AS chunk_steps
+    FROM params p, (SELECT count(*) AS n FROM prompt) len
+),
 -- generate: each step runs the new positions through the blocks, keeping every layer's keys and values
 -- (the KV cache) in the recursive state, and samples one token. Row kinds:
 --   'token'     (step, pos, token, prob) a prompt token (step 0) or a sampled one
@@ -133,7 +142,7 @@ prompt AS (
 --   'x'         (step, layer, vs)        with gpt.inspect on: the residual stream after block layer - 1
 -- Within a step, the new positions travel together: activations are one vector[] (a vector per position), so
 -- each weight row is read once per layer and multiplied with every new position while it is at hand.
--- The steps run in chunks of chunk_steps (about the square root of gpt.tokens), a recursion within this one: a
+-- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: a
 -- CTE keeps every row its recursion emits until the query ends, caches included, so one flat recursion would
 -- hold a cache per step (O(tokens^2) memory, spilled to temporary files: 1.5 GB for 200 tokens). The outer
 -- recursion keeps the cache of each chunk's last step only; the inner one's rows are dropped chunk by chunk.
@@ -164,10 +173,10 @@ generate AS (
     -- inputs: the whole prompt at step 0, then the last sampled token (a chunk's start sees all of the previous
     -- chunk's tokens) until the end, or until the chunk has run chunk_steps steps
     inputs AS (
-        SELECT s.step, t.pos, t.token FROM state s, unnest(s.pos, s.tokens) AS t(pos, token), params
+        SELECT s.step, t.pos, t.token FROM state s, unnest(s.pos, s.tokens) AS t(pos, token), params, chunking c
         WHERE s.step = 0
            OR (t.pos = s.pos[cardinality(s.pos)] AND s.step < params.n_tokens AND t.token <> params.eot
-               AND (NOT s.in_chunk OR s.step % params.chunk_steps <> 0))
+               AND (NOT s.in_chunk OR s.step % c.chunk_steps <> 0))
     ),
     -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type);
     -- n_past positions are in the cache
@@ -365,8 +374,8 @@ generate AS (
     WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0))
     )
     -- the chunk's own rows, and of its cache only the last step's (the next chunk's start)
-    SELECT kind, step, layer, head, pos, token, prob, vs FROM chunk, params p
-    WHERE fresh AND (kind NOT IN ('k', 'v') OR step % p.chunk_steps = 0))
+    SELECT kind, step, layer, head, pos, token, prob, vs FROM chunk, chunking c
+    WHERE fresh AND (kind NOT IN ('k', 'v') OR step % c.chunk_steps = 0))
 )
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)
