@@ -123,13 +123,12 @@ prompt AS (
                                        'together at most n_ctx = %s fit', len.n, params.n_tokens, params.n_ctx))
                ELSE 0 END = 0
 ),
--- chunking: how many steps a chunk of generate runs (see there). As many as half of work_mem holds caches of the
--- final length (a cache is keys and values: 2 x n_layer x n_embd float4s per position), so a short generation is
--- one chunk; and at least sqrt(tokens), which holds the fewest caches in all (tokens / chunk_steps + chunk_steps)
+-- chunking: how many steps a chunk of generate runs (see there): as many as half of work_mem holds caches of the
+-- final length (a cache is keys and values, 2 x n_layer x n_embd float4s per position). A short generation is one
+-- chunk; a chunk that outgrew work_mem would go to a temporary file whole, so a long one runs more, shorter chunks
 chunking AS (
-    SELECT greatest(ceil(sqrt(p.n_tokens)),
-                    floor(pg_size_bytes(current_setting('work_mem')) / 2
-                          / (2 * p.n_layer * p.n_embd * 4 * (len.n + p.n_tokens))))::int AS chunk_steps
+    SELECT greatest(1, floor(pg_size_bytes(current_setting('work_mem')) / 2
+                             / (2 * p.n_layer * p.n_embd * 4 * (len.n + p.n_tokens))))::int AS chunk_steps
     FROM params p, (SELECT count(*) AS n FROM prompt) len
 ),
 -- generate: each step runs the new positions through the blocks, keeping every layer's keys and values

@@ -1,0 +1,74 @@
+"""One long generation through the query: its steps, and the temporary files and memory it takes.
+
+    python bench/long_generation.py [--prompt-tokens 10] [--tokens 600] [--model bench_124m] [--query FILE]
+
+Streams the query as the runner does (greedy) on a model already loaded (bench/bench.py leaves `bench_124m`),
+with a prompt of exactly --prompt-tokens tokens cut from tinyshakespeare, and prints the prefill, the median,
+last and slowest decode steps, the temporary files the query wrote (`temp_bytes` of pg_stat_database, so nothing
+else may run on the database meanwhile) and the backend's peak memory. --query runs another version of
+sql/generate.sql (for a before/after comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import peak_rss_mb, prompt_of  # noqa: E402
+
+from gpt_sql.runner import queries  # noqa: E402
+from gpt_sql.runner.db import SESSION_SETTINGS, connect  # noqa: E402
+from gpt_sql.runner.engine import NumpyEngine  # noqa: E402
+from gpt_sql.runner.models import read_model  # noqa: E402
+
+
+def temp_bytes(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT temp_bytes FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--prompt-tokens", type=int, default=10, help="prompt length in tokens (default 10)")
+    ap.add_argument("--tokens", type=int, default=600, help="new tokens (default 600)")
+    ap.add_argument("--model", default="bench_124m", help="a loaded model (default bench_124m, from bench/bench.py)")
+    ap.add_argument("--query", help="another version of sql/generate.sql to run instead of the shipped one")
+    ap.add_argument("--dsn", help="server (default: the embedded one)")
+    a = ap.parse_args()
+
+    conn = connect(a.dsn)
+    engine = NumpyEngine(read_model(conn, a.model))
+    prompt = prompt_of(engine, a.prompt_tokens)
+    query = Path(a.query).read_text(encoding="utf-8") if a.query else queries.query("generate")
+    conn.execute(sql.SQL("SET search_path = {}, public").format(sql.Identifier(a.model)))
+    settings = {**SESSION_SETTINGS, "gpt.prompt": prompt, "gpt.tokens": str(a.tokens), "gpt.top_n": "1"}
+    for name, value in settings.items():
+        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    before, times = temp_bytes(conn), []
+    with conn.transaction(), conn.cursor(name="long_generation") as cur:
+        start = t = time.perf_counter()
+        cur.execute(query)
+        while cur.fetchone() is not None:
+            now = time.perf_counter()
+            times.append(now - t)
+            t = now
+    total = time.perf_counter() - start
+    time.sleep(0.6)  # the statistics collector's counters are flushed at most once a second or so
+    written = temp_bytes(conn) - before
+    steps = times[1:]
+    print(f"{a.tokens} tokens after a {a.prompt_tokens}-token prompt ({a.query or 'sql/generate.sql'}): "
+          f"whole query {total:.1f} s; prefill {times[0]:.2f} s; decode step median {statistics.median(steps):.3f} s, "
+          f"last ten {statistics.mean(steps[-10:]):.3f} s, slowest {max(steps):.2f} s; temporary files written "
+          f"{written / 2**30:.2f} GB; backend peak memory {(peak_rss_mb(pid) or 0) / 1024:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
