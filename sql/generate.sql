@@ -199,15 +199,17 @@ generate AS (
         -- new positions while the row is at hand. With several positions the products make a matrix y[col][pos]
         -- (2-D real[]), cut into the positions' vectors by columns_of; unnest in the select list streams the
         -- positions in array order (in FROM it would copy every position's vector for every row). A single
-        -- position (every decode step) skips the matrix: its vector is the column-ordered array itself. The
-        -- inputs are as_weights(...): in the weights' type, vector or halfvec (see schema.sql).
+        -- position (every decode step) skips the matrix: its vector is the column-ordered array itself, and the
+        -- position's vector is taken out of its array once (one: OFFSET 0 keeps it a value), not at every weight
+        -- row (0.05 us a row). The inputs are as_weights(...): in the weights' type, vector or halfvec (see
+        -- schema.sql).
         c_attn AS MATERIALIZED (
             SELECT CASE WHEN cardinality(h.hs) = 1
-                   THEN ARRAY[ARRAY(SELECT inner_product(h.hs[1], w.w) + w.b
+                   THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b
                                     FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector]
                    ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
                                          FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
-            FROM ln_1_out h
+            FROM ln_1_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
         ),
         -- split_heads: q and k of each head as one hd-vector per new position; v as one vector over the new
         -- positions per column (the cache keeps values transposed)
@@ -270,9 +272,9 @@ generate AS (
         -- mha: the heads' output through c_proj, added to the residual
         mha AS MATERIALIZED (
             SELECT x.layer, ARRAY(SELECT u.x + u.y FROM unnest(x.xs, y.ys) WITH ORDINALITY u(x, y, p) ORDER BY u.p) AS xs
-            FROM x, merge_heads a, LATERAL (
+            FROM x, merge_heads a, LATERAL (SELECT a.a[1] AS a OFFSET 0) one, LATERAL (
                 SELECT CASE WHEN cardinality(a.a) = 1
-                       THEN ARRAY[ARRAY(SELECT inner_product(a.a[1], w.w) + w.b
+                       THEN ARRAY[ARRAY(SELECT inner_product(one.a, w.w) + w.b
                                         FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector]
                        ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(a.a), w.w) + w.b)::real)
                                              FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)) END AS ys) y
@@ -286,13 +288,13 @@ generate AS (
         -- reads its argument 4 times)
         c_fc AS MATERIALIZED (
             SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
-                   THEN ARRAY[ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(h.hs[1], w.w) + w.b AS y, w.col
+                   THEN ARRAY[ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(one.h, w.w) + w.b AS y, w.col
                                                             FROM mlp_c_fc w WHERE w.layer = h.layer
                                                             ORDER BY w.col OFFSET 0) c ORDER BY c.col)::vector]
                    ELSE columns_of(ARRAY(SELECT ARRAY(SELECT gelu(c.y)::real
                                                       FROM (SELECT inner_product(unnest(h.hs), w.w) + w.b AS y OFFSET 0) c)
                                          FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
-            FROM ln_2_out h
+            FROM ln_2_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
         ),
         -- ...cut into chunks of n_embd for c_proj, whose rows hold n_embd inputs
         hidden AS MATERIALIZED (
@@ -302,12 +304,12 @@ generate AS (
         -- c_proj as one partial product per chunk
         c_proj AS MATERIALIZED (
             SELECT CASE WHEN cardinality(h.hs) = 1
-                   THEN ARRAY[ARRAY(SELECT inner_product(h.hs[1], w.w) + w.b FROM mlp_c_proj w
+                   THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b FROM mlp_c_proj w
                                     WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector]
                    ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
                                          FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
                                          ORDER BY w.col)) END AS ys
-            FROM hidden h
+            FROM hidden h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
         ),
         -- ffn: the chunks' partial products summed, added to the residual
         ffn AS (
