@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import needs_shared_gpt2
+from gpt_sql.runner import queries
+from gpt_sql.runner.db import SESSION_SETTINGS
 from gpt_sql.runner.engine import GenerationError, NumpyEngine, Params, generate_sql, next_sql, tokenize_sql
 from gpt_sql.runner.reference import sample, softmax, uniform
 
@@ -140,8 +142,35 @@ def test_empty_prompt_starts_from_endoftext(conn, load_tiny):
     assert len(got) >= 1
 
 
-def test_stops_at_endoftext(conn, load_tiny):
-    """With top_n = n_vocab and a high temperature, some seed reaches <|endoftext|>; SQL stops exactly there."""
+def chunk_steps(conn, name: str, params: Params, work_mem: str) -> int:
+    """How many steps a chunk of generate runs for these parameters (the query's chunking CTE)."""
+    query = queries.query("generate")
+    query = query[:query.index("-- generate:")].rstrip().rstrip(",") + "\nSELECT chunk_steps FROM chunking"
+    with conn.transaction():
+        settings = {**params.settings(), "work_mem": work_mem, "search_path": f"{name}, public"}
+        for key, value in settings.items():
+            conn.execute("SELECT set_config(%s, %s, true)", (key, value))
+        steps = conn.execute(query).fetchone()[0]
+    return steps
+
+
+@pytest.mark.parametrize("sampling", SAMPLING[:3], ids=lambda s: f"T{s['temperature']}-n{s['top_n']}-s{s['seed']}")
+def test_steps_in_several_chunks(conn, load_tiny, monkeypatch, sampling):
+    """With a small work_mem, generate runs its steps in chunks of a few (its nested recursion keeps only each
+    chunk's last cache): tokens, steps and probabilities stay NumPy's across the chunks' boundaries."""
+    ckpt = load_tiny("tiny_a", **SHAPES["tiny_a"])
+    params = Params("Happy New Year!", tokens=20, **sampling)
+    assert chunk_steps(conn, "tiny_a", params, "512MB") >= 20  # one chunk, as every other test runs
+    assert 1 < chunk_steps(conn, "tiny_a", params, "64kB") < 10
+    monkeypatch.setitem(SESSION_SETTINGS, "work_mem", "64kB")
+    compare(conn, "tiny_a", ckpt, params)
+
+
+@pytest.mark.parametrize("work_mem", ["512MB", "128kB"], ids=["one chunk", "chunks"])
+def test_stops_at_endoftext(conn, load_tiny, monkeypatch, work_mem):
+    """With top_n = n_vocab and a high temperature, some seed reaches <|endoftext|>; SQL stops exactly there, in a
+    chunk of its own or inside one of several."""
+    monkeypatch.setitem(SESSION_SETTINGS, "work_mem", work_mem)
     ckpt = load_tiny("tiny_a", **SHAPES["tiny_a"])
     eot = ckpt.encoder["<|endoftext|>"]
     eng = NumpyEngine(ckpt)
