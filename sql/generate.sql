@@ -141,10 +141,10 @@ chunking AS (
 --   'x'         (step, layer, vs)        with gpt.inspect on: the residual stream after block layer - 1
 -- Within a step, the new positions travel together: activations are one vector[] (a vector per position), so
 -- each weight row is read once per layer and multiplied with every new position while it is at hand.
--- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: a
--- CTE keeps every row its recursion emits until the query ends, caches included, so one flat recursion would
--- hold a cache per step (O(tokens^2) memory, spilled to temporary files: 1.5 GB for 200 tokens). The outer
--- recursion keeps the cache of each chunk's last step only; the inner one's rows are dropped chunk by chunk.
+-- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: a CTE keeps every row its
+-- recursion emits until the query ends, caches included, so one flat recursion would hold a cache per step
+-- (O(tokens^2) memory, spilled to temporary files: 1.5 GB for 200 tokens). The outer recursion keeps the cache
+-- of each chunk's last step only; the inner one's rows are dropped chunk by chunk.
 generate AS (
     SELECT 'token' AS kind, 0 AS step, NULL::int AS layer, NULL::int AS head, pos, token, NULL::float8 AS prob,
            NULL::vector[] AS vs
