@@ -57,9 +57,16 @@ def cli(*args, env: dict | None = None, input: bytes | None = None, timeout: flo
                   time.monotonic() - t)
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT handled by default. A shell without job control starts background jobs
+    with SIGINT ignored, and an ignored signal stays ignored across fork and exec (Python then installs no
+    KeyboardInterrupt handler), so the Ctrl-C tests would fail wherever the suite was started with `&`."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(*args, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=_default_sigint)
 
 
 def one_line_error(r: Result, message: str) -> None:
