@@ -29,6 +29,7 @@ from gpt_sql.loader.download import default_cache_dir
 from gpt_sql.loader.hf_format import write_hf
 from gpt_sql.runner.db import connect
 from gpt_sql.runner.engine import NumpyEngine, Params, Token, generate_sql
+from gpt_sql.runner.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,13 +72,13 @@ def cli_load(path: Path, schema: str, dtype: str, dsn: str | None) -> tuple[floa
     return time.perf_counter() - t, peak
 
 
-def prompt_of(engine: NumpyEngine, n_tokens: int) -> str:
+def prompt_of(tokenizer: Tokenizer, n_tokens: int) -> str:
     """A prompt of exactly n_tokens tokens, cut from public-domain text (or a repeated sentence)."""
     text_file = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
     text = text_file.read_text(encoding="utf-8") if text_file.exists() else "Happy New Year to all of you. " * 400
-    ids = engine.tokenizer.encode(text[: n_tokens * 8])[:n_tokens]
-    prompt = engine.tokenizer.decode(ids)
-    assert len(engine.tokenizer.encode(prompt)) == n_tokens, "re-tokenizing the cut changed its length"
+    ids = tokenizer.encode(text[: n_tokens * 8])[:n_tokens]
+    prompt = tokenizer.decode(ids)
+    assert len(tokenizer.encode(prompt)) == n_tokens, "re-tokenizing the cut changed its length"
     return prompt
 
 
@@ -143,13 +144,13 @@ def main() -> int:
     size = int(conn.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
                             "WHERE c.relnamespace = %s::regnamespace", (schema,)).fetchone()[0])
     run = connect(a.dsn)  # a fresh backend, so its peak memory is this benchmark's
-    sql_timings(run, schema, prompt_of(engine, 5), 2)  # warm the caches once
+    sql_timings(run, schema, prompt_of(engine.tokenizer, 5), 2)  # warm the caches once
 
     # One generation per prompt length: its first row's arrival is the prefill, the gaps after it the decode steps
     rows, raw, decode, same = [], {}, {}, []
     positions = [int(x) for x in a.positions.split(",")]
     for pos in positions:
-        p = prompt_of(engine, pos)
+        p = prompt_of(engine.tokenizer, pos)
         (s, sql_ids), (n_, numpy_ids) = sql_timings(run, schema, p, a.steps + 1), numpy_timings(engine, p, a.steps + 1)
         same.append(sql_ids == numpy_ids)
         rows.append((f"prefill, {pos}-token prompt (time to the first token)", s[0], n_[0]))
@@ -158,7 +159,7 @@ def main() -> int:
     for pos in positions:
         rows.append((f"decode step after a {pos}-token prompt (median of {a.steps})", *decode[pos]))
     # the same generation called as a SQL function from an ordinary query, against the query through settings
-    p, n_new = prompt_of(engine, positions[0]), a.steps + 1
+    p, n_new = prompt_of(engine.tokenizer, positions[0]), a.steps + 1
     complete = sql.SQL("SELECT {}.complete(%s, %s, 1, 1)").format(sql.Identifier(schema))
     run.execute(complete, (p, 2)).fetchone()  # a session plans a function's query at its first call
     t = time.perf_counter()

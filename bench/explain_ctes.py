@@ -18,15 +18,15 @@ import sys
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import prompt_of  # noqa: E402
 
 from gpt_sql.runner import queries  # noqa: E402
-from gpt_sql.runner.db import SESSION_SETTINGS, connect  # noqa: E402
-from gpt_sql.runner.engine import NumpyEngine  # noqa: E402
-from gpt_sql.runner.models import read_model  # noqa: E402
+from gpt_sql.runner.db import connect  # noqa: E402
+from gpt_sql.runner.engine import Params, prepare  # noqa: E402
+from gpt_sql.runner.models import read_vocabulary  # noqa: E402
+from gpt_sql.runner.tokenizer import Tokenizer  # noqa: E402
 
 
 def cte_times(plan: dict) -> dict[str, float]:
@@ -45,10 +45,9 @@ def cte_times(plan: dict) -> dict[str, float]:
 
 
 def explain(conn: psycopg.Connection, model: str, prompt: str, tokens: int) -> tuple[float, dict[str, float]]:
-    conn.execute(sql.SQL("SET search_path = {}, public").format(sql.Identifier(model)))
-    for name, value in {**SESSION_SETTINGS, "gpt.prompt": prompt, "gpt.tokens": str(tokens), "gpt.top_n": "1"}.items():
-        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-    plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.query("generate")).fetchone()[0][0]
+    with conn.transaction():
+        prepare(conn, model, Params(prompt, tokens=tokens, top_n=1).settings(), None)
+        plan = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.query("generate")).fetchone()[0][0]
     return plan["Execution Time"], cte_times(plan)
 
 
@@ -61,7 +60,7 @@ def main() -> int:
     a = ap.parse_args()
 
     conn = connect(a.dsn)
-    prompt = prompt_of(NumpyEngine(read_model(conn, a.model)), a.prompt_tokens)
+    prompt = prompt_of(Tokenizer(*read_vocabulary(conn, a.model)), a.prompt_tokens)
     first_ms, first = explain(conn, a.model, prompt, 1)
     more_ms, more = explain(conn, a.model, prompt, 1 + a.steps)
     print(f"{a.prompt_tokens}-token prompt: prefill and one token {first_ms:.0f} ms, "

@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import peak_rss_mb, prompt_of  # noqa: E402
 
 from gpt_sql.runner import queries  # noqa: E402
-from gpt_sql.runner.db import SESSION_SETTINGS, connect  # noqa: E402
-from gpt_sql.runner.engine import NumpyEngine  # noqa: E402
-from gpt_sql.runner.models import read_model  # noqa: E402
+from gpt_sql.runner.db import connect  # noqa: E402
+from gpt_sql.runner.engine import Params, prepare  # noqa: E402
+from gpt_sql.runner.models import read_vocabulary  # noqa: E402
+from gpt_sql.runner.tokenizer import Tokenizer  # noqa: E402
 
 
 def temp_bytes(conn: psycopg.Connection) -> int:
@@ -43,16 +43,12 @@ def main() -> int:
     a = ap.parse_args()
 
     conn = connect(a.dsn)
-    engine = NumpyEngine(read_model(conn, a.model))
-    prompt = prompt_of(engine, a.prompt_tokens)
+    prompt = prompt_of(Tokenizer(*read_vocabulary(conn, a.model)), a.prompt_tokens)
     query = Path(a.query).read_text(encoding="utf-8") if a.query else queries.query("generate")
-    conn.execute(sql.SQL("SET search_path = {}, public").format(sql.Identifier(a.model)))
-    settings = {**SESSION_SETTINGS, "gpt.prompt": prompt, "gpt.tokens": str(a.tokens), "gpt.top_n": "1"}
-    for name, value in settings.items():
-        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
     pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
     before, times = temp_bytes(conn), []
     with conn.transaction(), conn.cursor(name="long_generation") as cur:
+        prepare(conn, a.model, Params(prompt, tokens=a.tokens, top_n=1).settings(), None)
         start = t = time.perf_counter()
         cur.execute(query)
         while cur.fetchone() is not None:

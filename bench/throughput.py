@@ -66,7 +66,7 @@ def main() -> int:
     primary = embedded_uri(start=True)
     with connect() as conn:
         load(conn, ckpt, SCHEMA, progress=sys.stderr.isatty())
-    prompts = [prompt_of(engine, 10 + i) for i in range(max(int(n) for n in a.runs.split(",")))]
+    prompts = [prompt_of(engine.tokenizer, 10 + i) for i in range(max(int(n) for n in a.runs.split(",")))]
     directory = Path(tempfile.mkdtemp(prefix="gpt-sql-standby-"))
     primary_socket = psycopg.conninfo.conninfo_to_dict(primary)["host"]
     standby = start_standby(Path(primary_socket), directory / "data")

@@ -73,7 +73,7 @@ def check_fits(conn: psycopg.Connection, model: str, prompt: str, new_tokens: in
                               f"tokens were asked for: together at most n_ctx = {n_ctx} fit")
 
 
-def _prepare(conn: psycopg.Connection, model: str, settings: dict[str, str], timeout_s: float | None) -> None:
+def prepare(conn: psycopg.Connection, model: str, settings: dict[str, str], timeout_s: float | None) -> None:
     """Session state for one query, all LOCAL to the transaction: user text goes in as bound values only."""
     conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(model)))
     all_settings = {**SESSION_SETTINGS, **settings}
@@ -96,7 +96,7 @@ def _rows(conn: psycopg.Connection, model: str, kind: str, settings: dict[str, s
     deadline = time.monotonic() + timeout_s if timeout_s else None
     try:
         with conn.transaction():
-            _prepare(conn, model, settings, timeout_s)
+            prepare(conn, model, settings, timeout_s)
             if stream:
                 with conn.cursor(name=f"gpt_sql_{kind}") as cur:
                     cur.execute(queries.query(kind))

@@ -66,6 +66,16 @@ def resolve_model(conn: psycopg.Connection, name: str | None) -> str:
     return "gpt2_124m" if "gpt2_124m" in names else names[0]
 
 
+def read_vocabulary(conn: psycopg.Connection, name: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A loaded model's tokenizer as (encoder, merges in rank order): what Tokenizer takes, without the weights."""
+    s = sql.Identifier(name)
+    encoder = {piece: i for i, piece in conn.execute(sql.SQL("SELECT id, piece FROM {}.tokens").format(s))}
+    pieces = {i: p for p, i in encoder.items()}
+    merges = [(pieces[a], pieces[b])
+              for a, b in conn.execute(sql.SQL("SELECT a, b FROM {}.merges ORDER BY rank").format(s))]
+    return encoder, merges
+
+
 def read_model(conn: psycopg.Connection, name: str) -> Checkpoint:
     """Read a loaded model's tables back into a Checkpoint, so the NumPy reference runs the very same weights."""
     from pgvector.psycopg import register_vector
@@ -81,9 +91,7 @@ def read_model(conn: psycopg.Connection, name: str) -> Checkpoint:
         "SELECT n_vocab, n_ctx, n_embd, n_head, n_layer, source, coalesce(to_jsonb(h) ->> 'dtype', 'float32')"
         " FROM {s}.hparams h")[0]
     hp = {"n_vocab": n_vocab, "n_ctx": n_ctx, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer}
-    encoder = {piece: i for i, piece in q("SELECT id, piece FROM {s}.tokens")}
-    pieces = {i: p for p, i in encoder.items()}
-    merges = [(pieces[a], pieces[b]) for a, b in q("SELECT a, b FROM {s}.merges ORDER BY rank")]
+    encoder, merges = read_vocabulary(conn, name)
 
     def stack(query: str) -> np.ndarray:
         return np.stack([r[0] for r in q(query)]).astype(np.float32)

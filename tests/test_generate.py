@@ -10,7 +10,8 @@ import pytest
 from conftest import needs_shared_gpt2
 from gpt_sql.runner import queries
 from gpt_sql.runner.db import SESSION_SETTINGS
-from gpt_sql.runner.engine import GenerationError, NumpyEngine, Params, generate_sql, next_sql, tokenize_sql
+from gpt_sql.runner.engine import (GenerationError, NumpyEngine, Params, generate_sql, next_sql, prepare,
+                                   tokenize_sql)
 from gpt_sql.runner.reference import sample, softmax, uniform
 
 SHAPES = {
@@ -147,11 +148,8 @@ def chunk_steps(conn, name: str, params: Params, work_mem: str) -> int:
     query = queries.query("generate")
     query = query[:query.index("-- generate:")].rstrip().rstrip(",") + "\nSELECT chunk_steps FROM chunking"
     with conn.transaction():
-        settings = {**params.settings(), "work_mem": work_mem, "search_path": f"{name}, public"}
-        for key, value in settings.items():
-            conn.execute("SELECT set_config(%s, %s, true)", (key, value))
-        steps = conn.execute(query).fetchone()[0]
-    return steps
+        prepare(conn, name, {**params.settings(), "work_mem": work_mem}, None)
+        return conn.execute(query).fetchone()[0]
 
 
 @pytest.mark.parametrize("sampling", SAMPLING[:3], ids=lambda s: f"T{s['temperature']}-n{s['top_n']}-s{s['seed']}")
