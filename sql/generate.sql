@@ -177,6 +177,8 @@ generate AS (
            OR (t.pos = s.pos[cardinality(s.pos)] AND s.step < params.n_tokens AND t.token <> params.eot
                AND (NOT s.in_chunk OR s.step % c.chunk_steps <> 0))
     ),
+    -- this_step: the number of the step this iteration runs (one past the previous) and its new token's position
+    this_step AS (SELECT max(step) + 1 AS step, max(pos) + 1 AS pos FROM inputs),
     -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type);
     -- n_past positions are in the cache
     embed AS (
@@ -361,27 +363,27 @@ generate AS (
         SELECT s.id, s.prob
         FROM (SELECT id, rank, prob, sum(e) OVER (ORDER BY rank) / sum(e) OVER () AS cumulative,
                      count(*) OVER () AS n FROM probs) s,
-             (SELECT ('x' || substr(md5(p.seed || ':' || (i.step + 1)), 1, 13))::bit(52)::bigint
+             (SELECT ('x' || substr(md5(p.seed || ':' || i.step), 1, 13))::bit(52)::bigint
                      / 4503599627370496.0 AS u
-              FROM params p, (SELECT max(step) AS step FROM inputs) i) draw
+              FROM params p, this_step i) draw
         WHERE s.cumulative > draw.u OR s.rank = s.n
         ORDER BY s.rank LIMIT 1
     )
-    SELECT 'token', i.step + 1, NULL::int, NULL::int, i.pos + 1, s.id, s.prob, NULL::vector[], true
-    FROM sample s, (SELECT max(step) AS step, max(pos) AS pos FROM inputs) i
+    SELECT 'token', i.step, NULL::int, NULL::int, i.pos, s.id, s.prob, NULL::vector[], true
+    FROM sample s, this_step i
     UNION ALL
-    SELECT 'candidate', i.step + 1, NULL, NULL, NULL, p.id, p.prob, NULL, true
-    FROM probs p, (SELECT max(step) AS step FROM inputs) i
+    SELECT 'candidate', i.step, NULL, NULL, NULL, p.id, p.prob, NULL, true
+    FROM probs p, this_step i
     UNION ALL
     -- the cache: every layer's keys and values, one position longer
-    SELECT b.kind, i.step + 1, b.layer, b.head, NULL, NULL, NULL, b.vs, true
-    FROM blocks b, (SELECT max(step) AS step FROM inputs) i WHERE b.kind IN ('k', 'v')
+    SELECT b.kind, i.step, b.layer, b.head, NULL, NULL, NULL, b.vs, true
+    FROM blocks b, this_step i WHERE b.kind IN ('k', 'v')
     UNION ALL
     -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
     -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
     -- scan: every scan of blocks copies the whole cache
-    SELECT b.kind, i.step + 1, b.layer, b.head, NULL, NULL, NULL, b.vs, true
-    FROM blocks b, (SELECT max(step) AS step FROM inputs) i
+    SELECT b.kind, i.step, b.layer, b.head, NULL, NULL, NULL, b.vs, true
+    FROM blocks b, this_step i
     WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0))
     )
     -- the chunk's own rows, and of its cache only the last step's (the next chunk's start)
