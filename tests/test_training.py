@@ -30,6 +30,14 @@ FALLBACK = (
     "All:\nResolved. resolved.\n\n"
     "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n"
     "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\n"
+    # enough more for the 400-token vocabulary the tests train (the lines above run out of pairs at 395)
+    "HAMLET:\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n"
+    "And by opposing end them. To die: to sleep;\nNo more; and by a sleep to say we end\n"
+    "The heart-ache and the thousand natural shocks\nThat flesh is heir to.\n\n"
+    "MACBETH:\nTo-morrow, and to-morrow, and to-morrow,\nCreeps in this petty pace from day to day\n"
+    "To the last syllable of recorded time;\nAnd all our yesterdays have lighted fools\n"
+    "The way to dusty death. Out, out, brief candle!\n\n"
 )
 
 
