@@ -116,8 +116,8 @@ def _rows(conn: psycopg.Connection, model: str, kind: str, settings: dict[str, s
         if "statement timeout" in (e.diag.message_primary or "") and timeout_s:
             raise GenerationError(_timed_out(timeout_s)) from None
         raise GenerationError("the query was cancelled (statement timeout or interrupt)") from None
-    except psycopg.errors.UndefinedFunction as e:
-        # the query's helpers live in the model's schema: one loaded by an older gpt-sql lacks the newer ones
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedObject) as e:
+        # the query's helpers and types live in the model's schema: one loaded by an older gpt-sql lacks the newer ones
         raise GenerationError(f"model {model} was loaded by an older gpt-sql ({e.diag.message_primary}): load it "
                               f"again with `gpt-sql load DIR --name {model}`") from None
     except psycopg.Error as e:

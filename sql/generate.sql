@@ -131,265 +131,251 @@ chunking AS (
                              / (2 * p.n_layer * p.n_embd * 4 * (len.n + p.n_tokens))))::int AS chunk_steps
     FROM params p, (SELECT count(*) AS n FROM prompt) len
 ),
--- generate: each step runs the new positions through the blocks, keeping every layer's keys and values
--- (the KV cache) in the recursive state, and samples one token. Row kinds:
+-- generate: each step runs the new positions through the blocks and samples one token. Row kinds:
 --   'token'     (step, pos, token, prob) a prompt token (step 0) or a sampled one
 --   'candidate' (step, token, prob)      the top_n tokens the step sampled from
---   'k'         (step, layer, head, vs)  the head's keys after the step: one hd-vector per position so far
---   'v'         (step, layer, head, vs)  the head's values transposed: one vector over the positions so far per column
+--   'state'     (step, pos, inputs, cache) what the next step starts from: its input tokens (the prompt at step 0,
+--                                        then the token just sampled) from position pos on, and the KV cache of the
+--                                        positions before: per layer and head in order, its keys and values
 --   'attention' (step, layer, head, vs)  with gpt.inspect on: the head's attention weights, a vector per new position
 --   'x'         (step, layer, vs)        with gpt.inspect on: the residual stream after block layer - 1
--- Within a step, the new positions travel together: activations are one vector[] (a vector per position), so
--- each weight row is read once per layer and multiplied with every new position while it is at hand.
+-- The next step reads the state row in place (a LATERAL subquery over it): every layer finds its heads' cache
+-- there, and the cache is copied only to add the step's positions. Within a step, the new positions travel
+-- together: activations are one vector[] (a vector per position), so each weight row is read once per layer and
+-- multiplied with every new position while it is at hand.
 -- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: a CTE keeps every row its
 -- recursion emits until the query ends, caches included, so one flat recursion would hold a cache per step
--- (O(tokens^2) memory, spilled to temporary files: 1.5 GB for 200 tokens). The outer recursion keeps the cache
+-- (O(tokens^2) memory, spilled to temporary files: 1.5 GB for 200 tokens). The outer recursion keeps the state
 -- of each chunk's last step only; the inner one's rows are dropped chunk by chunk.
 generate AS (
     SELECT 'token' AS kind, 0 AS step, NULL::int AS layer, NULL::int AS head, pos, token, NULL::float8 AS prob,
-           NULL::vector[] AS vs
+           NULL::vector[] AS vs, NULL::int[] AS inputs, NULL::head_cache[] AS cache
     FROM prompt
     UNION ALL
+    SELECT 'state', 0, NULL, NULL, 0, NULL, NULL, NULL, array_agg(token ORDER BY pos), NULL FROM prompt
+    UNION ALL
     (WITH RECURSIVE
-    -- chunk: the steps from the previous chunk's last one (its rows, not fresh) to chunk_steps further
+    -- chunk: the steps from the previous chunk's last state (not fresh) to chunk_steps further: the first step,
+    -- then one more while the step is short of n_tokens, its input is not <|endoftext|> and the chunk goes on
     chunk AS (
         SELECT g.*, false AS fresh FROM generate g
         UNION ALL
-    (WITH RECURSIVE
-    -- state: the previous step's rows gathered into one: its tokens, and the cache as 2-D arrays with a row per
-    -- (layer, head). The blocks read the cache through scalar subqueries, computed once per step and then used
-    -- in place: a CTE scan would copy every cache row each time a layer looks for its own. in_chunk: the rows
-    -- come from this chunk's own steps (false at its start, where they are the previous chunk's)
-    previous AS (SELECT * FROM chunk),
-    state AS MATERIALIZED (
-        SELECT array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'k') AS k,
-               array_agg(g.vs ORDER BY g.layer, g.head) FILTER (WHERE g.kind = 'v') AS v,
-               max(g.step) AS step, bool_or(g.fresh) AS in_chunk,
-               array_agg(g.pos ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS pos,
-               array_agg(g.token ORDER BY g.pos) FILTER (WHERE g.kind = 'token') AS tokens
-        FROM previous g
-    ),
-    -- inputs: the whole prompt at step 0, then the last sampled token (a chunk's start sees all of the previous
-    -- chunk's tokens) until the end, or until the chunk has run chunk_steps steps
-    inputs AS (
-        SELECT s.step, t.pos, t.token FROM state s, unnest(s.pos, s.tokens) AS t(pos, token), params, chunking c
-        WHERE s.step = 0
-           OR (t.pos = s.pos[cardinality(s.pos)] AND s.step < params.n_tokens AND t.token <> params.eot
-               AND (NOT s.in_chunk OR s.step % c.chunk_steps <> 0))
-    ),
-    -- this_step: the number of the step this iteration runs (one past the previous) and its new token's position
-    this_step AS (SELECT max(step) + 1 AS step, max(pos) + 1 AS pos FROM inputs),
-    -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type);
-    -- n_past positions are in the cache
-    embed AS (
-        SELECT min(i.pos) AS n_past, array_agg(wte.w::vector + wpe.w::vector ORDER BY i.pos) AS xs
-        FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
-    ),
-    -- transformer_block, once per layer: x + mha(layer_norm(x)), then x + ffn(layer_norm(x))
-    blocks AS (
-        SELECT 'x' AS kind, 0 AS layer, NULL::int AS head, xs AS vs FROM embed WHERE xs IS NOT NULL
-        UNION ALL
-        (WITH
-        x AS (SELECT b.layer, b.vs AS xs FROM blocks b, params WHERE b.kind = 'x' AND b.layer < params.n_layer),
-        ln_1_out AS MATERIALIZED (
-            SELECT x.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
-                                  FROM unnest(x.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
-            FROM x JOIN ln_1 ln ON ln.layer = x.layer
+        SELECT step.*, true
+        -- (the state is chosen in a subquery of its own, OFFSET 0: the planner would otherwise join params and
+        -- chunking after the step, and run a step for a state that ends the chunk)
+        FROM (SELECT s.* FROM chunk s, params, chunking c
+              WHERE s.kind = 'state'
+                AND (s.step = 0 OR s.step < params.n_tokens AND s.inputs[1] <> params.eot
+                                   AND NOT (s.fresh AND s.step % c.chunk_steps = 0))
+              OFFSET 0) state, LATERAL (WITH RECURSIVE
+        -- inputs: the positions this step runs, and their tokens
+        inputs AS (
+            SELECT state.pos + u.i::int - 1 AS pos, u.token FROM unnest(state.inputs) WITH ORDINALITY AS u(token, i)
         ),
-        -- linear(ln_1_out, c_attn) -> q | k | v, one vector per new position. Every linear has this form: one
-        -- ordered scan of the layer's weight rows (one output column each) and, per row, its products with all
-        -- new positions while the row is at hand. With several positions the products make a matrix y[col][pos]
-        -- (2-D real[]), cut into the positions' vectors by columns_of; unnest in the select list streams the
-        -- positions in array order (in FROM it would copy every position's vector for every row). A single
-        -- position (every decode step) skips the matrix: its vector is the column-ordered array itself, and the
-        -- position's vector is taken out of its array once (one: OFFSET 0 keeps it a value), not at every weight
-        -- row (0.05 us a row). The inputs are as_weights(...): in the weights' type, vector or halfvec (see
-        -- schema.sql).
-        c_attn AS MATERIALIZED (
-            SELECT CASE WHEN cardinality(h.hs) = 1
-                   THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b
-                                    FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector]
-                   ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
-                                         FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
-            FROM ln_1_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+        -- this_step: the number of this step and the position of the token it samples
+        this_step AS (SELECT state.step + 1 AS step, state.pos + cardinality(state.inputs) AS pos),
+        -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type);
+        -- n_past positions are in the cache
+        embed AS (
+            SELECT state.pos AS n_past, array_agg(wte.w::vector + wpe.w::vector ORDER BY i.pos) AS xs
+            FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
         ),
-        -- split_heads: q and k of each head as one hd-vector per new position; v as one vector over the new
-        -- positions per column (the cache keeps values transposed)
-        qkv AS MATERIALIZED (
-            SELECT head, ARRAY(SELECT subvector(unnest(c.ys), head * p.hd + 1, p.hd)) AS q,
-                   ARRAY(SELECT subvector(unnest(c.ys), p.n_embd + head * p.hd + 1, p.hd)) AS k,
-                   CASE WHEN cardinality(c.ys) = 1
-                        THEN ARRAY(SELECT subvector(c.ys[1], 2 * p.n_embd + head * p.hd + j, 1)
-                                   FROM generate_series(1, p.hd) AS j ORDER BY j)
-                        ELSE columns_of(ARRAY(SELECT subvector(unnest(c.ys), 2 * p.n_embd + head * p.hd + 1, p.hd)::real[]))
-                   END AS v
-            FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
+        -- transformer_block, once per layer: x + mha(layer_norm(x)), then x + ffn(layer_norm(x))
+        blocks AS (
+            SELECT 'x' AS kind, 0 AS layer, NULL::int AS head, xs AS vs, NULL::head_cache AS kv FROM embed
+            UNION ALL
+            (WITH
+            x AS (SELECT b.layer, b.vs AS xs FROM blocks b, params WHERE b.kind = 'x' AND b.layer < params.n_layer),
+            ln_1_out AS MATERIALIZED (
+                SELECT x.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
+                                      FROM unnest(x.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
+                FROM x JOIN ln_1 ln ON ln.layer = x.layer
+            ),
+            -- linear(ln_1_out, c_attn) -> q | k | v, one vector per new position. Every linear has this form: one
+            -- ordered scan of the layer's weight rows (one output column each) and, per row, its products with all
+            -- new positions while the row is at hand. With several positions the products make a matrix
+            -- y[col][pos] (2-D real[]), cut into the positions' vectors by columns_of; unnest in the select list
+            -- streams the positions in array order (in FROM it would copy every position's vector for every row).
+            -- A single position (every decode step) skips the matrix: its vector is the column-ordered array
+            -- itself, and the position's vector is taken out of its array once (one: OFFSET 0 keeps it a value),
+            -- not at every weight row (0.05 us a row). The inputs are as_weights(...): in the weights' type, vector
+            -- or halfvec (see schema.sql).
+            c_attn AS MATERIALIZED (
+                SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
+                       THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b
+                                        FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector]
+                       ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
+                                             FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
+                FROM ln_1_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+            ),
+            -- split_heads: q and k of each head as one hd-vector per new position; v as one vector over the new
+            -- positions per column (the cache keeps values transposed). lh: the head's place in the cache
+            qkv AS MATERIALIZED (
+                SELECT c.layer, head, c.layer * p.n_head + head + 1 AS lh,
+                       ARRAY(SELECT subvector(unnest(c.ys), head * p.hd + 1, p.hd)) AS q,
+                       ARRAY(SELECT subvector(unnest(c.ys), p.n_embd + head * p.hd + 1, p.hd)) AS k,
+                       CASE WHEN cardinality(c.ys) = 1
+                            THEN ARRAY(SELECT subvector(c.ys[1], 2 * p.n_embd + head * p.hd + j, 1)
+                                       FROM generate_series(1, p.hd) AS j ORDER BY j)
+                            ELSE columns_of(ARRAY(SELECT subvector(unnest(c.ys), 2 * p.n_embd + head * p.hd + 1, p.hd)::real[]))
+                       END AS v
+                FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
+            ),
+            -- softmax(q k^T / sqrt(hd) + causal mask), one row per head and new position: softmax's numerators
+            -- exp(s - max) over the cached positions (eo, NULL at step 0) and over the new ones (en, zeros past
+            -- the mask), and their sum. From the inside out: the position's scores against the head's cached keys
+            -- (read in place from the state's cache) and the new ones up to itself (the causal mask is the LIMIT),
+            -- their max, the numerators. OFFSET 0 computes each stage once: a flattened one would be evaluated
+            -- again at every use, e.g. per value column
+            softmax AS MATERIALIZED (
+                SELECT n.head, e.p, CASE WHEN m.n_past > 0 THEN e.e[:m.n_past]::vector END AS eo,
+                       (e.e[m.n_past + 1:] || array_fill(0::float8, ARRAY[cardinality(n.k) + m.n_past - cardinality(e.e)]))::vector AS en,
+                       (SELECT sum(y) FROM unnest(e.e) AS y) AS total
+                FROM qkv n, embed m, params pr, LATERAL (
+                    SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
+                    FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
+                          FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
+                                                  FROM (SELECT unnest((state.cache[n.lh]).k) AS k
+                                                        UNION ALL SELECT unnest(n.k)) k
+                                                  LIMIT m.n_past + q.p) AS s
+                                FROM unnest(n.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
+            ),
+            -- attention: softmax @ v, one row per head holding all its new positions' outputs (o[position][column]):
+            -- per value column, the numerators' products with its cached values and its new ones, over their sum
+            attention AS MATERIALIZED (
+                SELECT n.head, ARRAY(SELECT ARRAY(SELECT ((coalesce(y.old, 0) + y.new) / s.total)::real
+                                                  FROM (SELECT inner_product(s.eo, unnest((state.cache[n.lh]).v)) AS old,
+                                                               inner_product(s.en, unnest(n.v)) AS new) y)
+                                     FROM softmax s WHERE s.head = n.head ORDER BY s.p) AS o
+                FROM qkv n
+            ),
+            -- merge_heads: per new position, the heads' outputs side by side
+            merge_heads AS MATERIALIZED (
+                SELECT ARRAY(SELECT as_weights(ARRAY(SELECT unnest(a.o[p:p][:]) FROM attention a ORDER BY a.head)::vector)
+                             FROM generate_series(1, cardinality(x.xs)) AS p ORDER BY p) AS a
+                FROM x
+            ),
+            -- mha: the heads' output through c_proj, added to the residual
+            mha AS MATERIALIZED (
+                SELECT x.layer, ARRAY(SELECT u.x + u.y FROM unnest(x.xs, y.ys) WITH ORDINALITY u(x, y, p) ORDER BY u.p) AS xs
+                FROM x, merge_heads a, LATERAL (SELECT a.a[1] AS a OFFSET 0) one, LATERAL (
+                    SELECT CASE WHEN cardinality(a.a) = 1
+                           THEN ARRAY[ARRAY(SELECT inner_product(one.a, w.w) + w.b
+                                            FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector]
+                           ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(a.a), w.w) + w.b)::real)
+                                                 FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)) END AS ys) y
+            ),
+            ln_2_out AS MATERIALIZED (
+                SELECT m.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
+                                      FROM unnest(m.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
+                FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
+            ),
+            -- gelu(linear(ln_2_out, c_fc)); OFFSET 0 keeps each inner product a value of its own (gelu, inlined,
+            -- reads its argument 4 times)
+            c_fc AS MATERIALIZED (
+                SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
+                       THEN ARRAY[ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(one.h, w.w) + w.b AS y, w.col
+                                                                FROM mlp_c_fc w WHERE w.layer = h.layer
+                                                                ORDER BY w.col OFFSET 0) c ORDER BY c.col)::vector]
+                       ELSE columns_of(ARRAY(SELECT ARRAY(SELECT gelu(c.y)::real
+                                                          FROM (SELECT inner_product(unnest(h.hs), w.w) + w.b AS y OFFSET 0) c)
+                                             FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
+                FROM ln_2_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+            ),
+            -- ...cut into chunks of n_embd for c_proj, whose rows hold n_embd inputs
+            hidden AS MATERIALIZED (
+                SELECT f.layer, c AS chunk, ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * p.n_embd + 1, p.n_embd))) AS hs
+                FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.n_embd - 1) AS c
+            ),
+            -- c_proj as one partial product per chunk
+            c_proj AS MATERIALIZED (
+                SELECT CASE WHEN cardinality(h.hs) = 1
+                       THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b FROM mlp_c_proj w
+                                        WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector]
+                       ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
+                                             FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
+                                             ORDER BY w.col)) END AS ys
+                FROM hidden h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+            ),
+            -- ffn: the chunks' partial products summed, added to the residual
+            ffn AS (
+                SELECT m.layer, ARRAY(SELECT u.x + y.y FROM unnest(m.xs) WITH ORDINALITY u(x, p)
+                                      JOIN (SELECT y.p, sum(y.y) AS y FROM c_proj c, unnest(c.ys) WITH ORDINALITY y(y, p)
+                                            GROUP BY y.p) y ON y.p = u.p ORDER BY u.p) AS xs
+                FROM mha m
+            )
+            SELECT 'x', layer + 1, NULL::int, xs, NULL::head_cache FROM ffn
+            -- the heads' keys and values of the new positions, for the cache
+            UNION ALL SELECT 'kv', layer, head, NULL, ROW(k, v)::head_cache FROM qkv
+            -- with gpt.inspect on: the heads' attention weights, a vector over all positions per new position
+            UNION ALL SELECT 'attention', n.layer, n.head,
+                             ARRAY(SELECT ARRAY(SELECT y / s.total
+                                                FROM unnest(coalesce(s.eo::real[], '{}') || s.en::real[]) AS y)::vector
+                                   FROM softmax s WHERE s.head = n.head ORDER BY s.p), NULL
+                      FROM qkv n WHERE (SELECT inspect FROM params))
         ),
-        -- this layer's cache: rows layer * n_head + 1 .. (layer + 1) * n_head of state's arrays, one per head
-        -- (NULL at step 0). Cut once per layer: finding a row of an array of vectors walks the rows before it.
-        -- Keys and values apart, here and below: every read of a CTE's row copies it whole, so each reader
-        -- copies only the half it needs (decode after 490 tokens: median 0.283 -> 0.271 s)
-        cache_k AS MATERIALIZED (
-            SELECT ((SELECT k FROM state))[x.layer * p.n_head + 1 : (x.layer + 1) * p.n_head][:] AS k
-            FROM x, params p
+        -- ln_f of the last position only (materialised: computed once, not once per wte row)
+        last AS MATERIALIZED (
+            SELECT as_weights(layer_norm(b.vs[cardinality(b.vs)], ln_f.g, ln_f.b)) AS x
+            FROM blocks b, ln_f, params p WHERE b.kind = 'x' AND b.layer = p.n_layer
         ),
-        cache_v AS MATERIALIZED (
-            SELECT ((SELECT v FROM state))[x.layer * p.n_head + 1 : (x.layer + 1) * p.n_head][:] AS v
-            FROM x, params p
+        -- logits = x @ wte.T
+        logits AS MATERIALIZED (
+            SELECT wte.id, inner_product(last.x, wte.w) / p.temperature AS logit FROM last, wte, params p
         ),
-        -- keys: the head's cached keys followed by the new positions', and q beside them
-        keys AS MATERIALIZED (
-            SELECT n.head, n.q,
-                   ARRAY(SELECT unnest(((SELECT k FROM cache_k))[n.head + 1 : n.head + 1][:])) || n.k AS k
-            FROM qkv n
+        -- sample: the top_n tokens by logit (ties: lower id), the first whose cumulative probability exceeds u
+        top AS (
+            SELECT id, logit, row_number() OVER (ORDER BY logit DESC, id) AS rank
+            FROM (SELECT id, logit FROM logits ORDER BY logit DESC, id LIMIT (SELECT top_n FROM params)) t
         ),
-        -- vals: the head's values, per column the cached positions' followed by the new ones'
-        vals AS MATERIALIZED (
-            SELECT n.head,
-                   ARRAY(SELECT CASE WHEN u.old IS NULL THEN u.new ELSE u.old || u.new END
-                         FROM unnest(ARRAY(SELECT unnest(((SELECT v FROM cache_v))[n.head + 1 : n.head + 1][:])), n.v)
-                              WITH ORDINALITY AS u(old, new, j)
-                         ORDER BY u.j) AS v
-            FROM qkv n
+        -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass
+        probs AS (
+            SELECT t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / z.total AS prob
+            FROM top t, (SELECT logit AS max FROM top WHERE rank = 1) m,
+                 LATERAL (SELECT sum(exp(l.logit - m.max)) AS total FROM logits l) z
         ),
-        -- softmax(q k^T / sqrt(hd) + causal mask), one row per head and new position: softmax's numerators
-        -- exp(s - max) as a vector over all positions (zeros past the mask) and their sum. From the inside out:
-        -- the position's scores against the cached positions and the new ones up to itself (the causal mask is
-        -- the LIMIT), their max, the numerators. OFFSET 0 computes each stage once: a flattened one would be
-        -- evaluated again at every use, e.g. per value column
-        softmax AS MATERIALIZED (
-            SELECT keys.head, e.p, (e.e || array_fill(0::float8, ARRAY[cardinality(keys.k) - cardinality(e.e)]))::vector AS e,
-                   (SELECT sum(y) FROM unnest(e.e) AS y) AS total
-            FROM keys, embed n, params pr, LATERAL (
-                SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
-                FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
-                      FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
-                                              FROM (SELECT unnest(keys.k) AS k) k
-                                              LIMIT n.n_past + q.p) AS s
-                            FROM unnest(keys.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
-        ),
-        -- attention: softmax @ v, one row per head holding all its new positions' outputs (o[position][column]):
-        -- one product of the numerators per value column, over their sum
-        attention AS MATERIALIZED (
-            SELECT vals.head, ARRAY(SELECT ARRAY(SELECT (inner_product(s.e, unnest(vals.v)) / s.total)::real)
-                                    FROM softmax s WHERE s.head = vals.head ORDER BY s.p) AS o
-            FROM vals
-        ),
-        -- merge_heads: per new position, the heads' outputs side by side
-        merge_heads AS MATERIALIZED (
-            SELECT ARRAY(SELECT as_weights(ARRAY(SELECT unnest(a.o[p:p][:]) FROM attention a ORDER BY a.head)::vector)
-                         FROM generate_series(1, cardinality(x.xs)) AS p ORDER BY p) AS a
-            FROM x
-        ),
-        -- mha: the heads' output through c_proj, added to the residual
-        mha AS MATERIALIZED (
-            SELECT x.layer, ARRAY(SELECT u.x + u.y FROM unnest(x.xs, y.ys) WITH ORDINALITY u(x, y, p) ORDER BY u.p) AS xs
-            FROM x, merge_heads a, LATERAL (SELECT a.a[1] AS a OFFSET 0) one, LATERAL (
-                SELECT CASE WHEN cardinality(a.a) = 1
-                       THEN ARRAY[ARRAY(SELECT inner_product(one.a, w.w) + w.b
-                                        FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector]
-                       ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(a.a), w.w) + w.b)::real)
-                                             FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)) END AS ys) y
-        ),
-        ln_2_out AS MATERIALIZED (
-            SELECT m.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
-                                  FROM unnest(m.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
-            FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
-        ),
-        -- gelu(linear(ln_2_out, c_fc)); OFFSET 0 keeps each inner product a value of its own (gelu, inlined,
-        -- reads its argument 4 times)
-        c_fc AS MATERIALIZED (
-            SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
-                   THEN ARRAY[ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(one.h, w.w) + w.b AS y, w.col
-                                                            FROM mlp_c_fc w WHERE w.layer = h.layer
-                                                            ORDER BY w.col OFFSET 0) c ORDER BY c.col)::vector]
-                   ELSE columns_of(ARRAY(SELECT ARRAY(SELECT gelu(c.y)::real
-                                                      FROM (SELECT inner_product(unnest(h.hs), w.w) + w.b AS y OFFSET 0) c)
-                                         FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
-            FROM ln_2_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
-        ),
-        -- ...cut into chunks of n_embd for c_proj, whose rows hold n_embd inputs
-        hidden AS MATERIALIZED (
-            SELECT f.layer, c AS chunk, ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * p.n_embd + 1, p.n_embd))) AS hs
-            FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.n_embd - 1) AS c
-        ),
-        -- c_proj as one partial product per chunk
-        c_proj AS MATERIALIZED (
-            SELECT CASE WHEN cardinality(h.hs) = 1
-                   THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b FROM mlp_c_proj w
-                                    WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector]
-                   ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
-                                         FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
-                                         ORDER BY w.col)) END AS ys
-            FROM hidden h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
-        ),
-        -- ffn: the chunks' partial products summed, added to the residual
-        ffn AS (
-            SELECT m.layer, ARRAY(SELECT u.x + y.y FROM unnest(m.xs) WITH ORDINALITY u(x, p)
-                                  JOIN (SELECT y.p, sum(y.y) AS y FROM c_proj c, unnest(c.ys) WITH ORDINALITY y(y, p)
-                                        GROUP BY y.p) y ON y.p = u.p ORDER BY u.p) AS xs
-            FROM mha m
+        sample AS (
+            SELECT s.id, s.prob
+            FROM (SELECT id, rank, prob, sum(e) OVER (ORDER BY rank) / sum(e) OVER () AS cumulative,
+                         count(*) OVER () AS n FROM probs) s,
+                 (SELECT ('x' || substr(md5(p.seed || ':' || i.step), 1, 13))::bit(52)::bigint
+                         / 4503599627370496.0 AS u
+                  FROM params p, this_step i) draw
+            WHERE s.cumulative > draw.u OR s.rank = s.n
+            ORDER BY s.rank LIMIT 1
         )
-        SELECT 'x', layer + 1, NULL::int, xs FROM ffn
-        UNION ALL SELECT 'k', (SELECT layer FROM x), head, k FROM keys
-        UNION ALL SELECT 'v', (SELECT layer FROM x), head, v FROM vals
-        -- with gpt.inspect on: the heads' attention weights, a vector over all positions per new position
-        UNION ALL SELECT 'attention', (SELECT layer FROM x), keys.head,
-                         ARRAY(SELECT ARRAY(SELECT y / s.total FROM unnest(s.e::real[]) AS y)::vector
-                               FROM softmax s WHERE s.head = keys.head ORDER BY s.p)
-                  FROM keys WHERE (SELECT inspect FROM params))
-    ),
-    -- ln_f of the last position only (materialised: computed once, not once per wte row)
-    last AS MATERIALIZED (
-        SELECT as_weights(layer_norm(b.vs[cardinality(b.vs)], ln_f.g, ln_f.b)) AS x
-        FROM blocks b, ln_f, params p WHERE b.kind = 'x' AND b.layer = p.n_layer
-    ),
-    -- logits = x @ wte.T
-    logits AS MATERIALIZED (
-        SELECT wte.id, inner_product(last.x, wte.w) / p.temperature AS logit FROM last, wte, params p
-    ),
-    -- sample: the top_n tokens by logit (ties: lower id), the first whose cumulative probability exceeds u
-    top AS (
-        SELECT id, logit, row_number() OVER (ORDER BY logit DESC, id) AS rank
-        FROM (SELECT id, logit FROM logits ORDER BY logit DESC, id LIMIT (SELECT top_n FROM params)) t
-    ),
-    -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass
-    probs AS (
-        SELECT t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / z.total AS prob
-        FROM top t, (SELECT logit AS max FROM top WHERE rank = 1) m,
-             LATERAL (SELECT sum(exp(l.logit - m.max)) AS total FROM logits l) z
-    ),
-    sample AS (
-        SELECT s.id, s.prob
-        FROM (SELECT id, rank, prob, sum(e) OVER (ORDER BY rank) / sum(e) OVER () AS cumulative,
-                     count(*) OVER () AS n FROM probs) s,
-             (SELECT ('x' || substr(md5(p.seed || ':' || i.step), 1, 13))::bit(52)::bigint
-                     / 4503599627370496.0 AS u
-              FROM params p, this_step i) draw
-        WHERE s.cumulative > draw.u OR s.rank = s.n
-        ORDER BY s.rank LIMIT 1
+        SELECT 'token', i.step, NULL::int, NULL::int, i.pos, s.id, s.prob, NULL::vector[], NULL::int[], NULL::head_cache[]
+        FROM sample s, this_step i
+        UNION ALL
+        SELECT 'candidate', i.step, NULL, NULL, NULL, p.id, p.prob, NULL, NULL, NULL
+        FROM probs p, this_step i
+        UNION ALL
+        -- the next step's state: the sampled token, and the cache with this step's positions added to each head's
+        -- keys and values (none after the last step). The heads are put in order before their caches are joined
+        -- (OFFSET 0): a sort would copy them
+        SELECT 'state', i.step, NULL, NULL, i.pos, NULL, NULL, NULL, ARRAY[s.id],
+               CASE WHEN i.step < p.n_tokens AND s.id <> p.eot THEN ARRAY(
+                   SELECT ROW(coalesce((old.c).k, '{}') || (b.kv).k,
+                              CASE WHEN old.c IS NULL THEN (b.kv).v
+                                   ELSE ARRAY(SELECT unnest((old.c).v) || unnest((b.kv).v)) END)::head_cache
+                   FROM (SELECT b.layer, b.head, b.kv FROM blocks b WHERE b.kind = 'kv'
+                         ORDER BY b.layer, b.head OFFSET 0) b,
+                        LATERAL (SELECT state.cache[b.layer * p.n_head + b.head + 1] AS c OFFSET 0) old) END
+        FROM sample s, this_step i, params p
+        UNION ALL
+        -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
+        -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
+        -- scan of blocks
+        SELECT b.kind, i.step, b.layer, b.head, NULL, NULL, NULL, b.vs, NULL, NULL
+        FROM blocks b, this_step i
+        WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0)
+        ) step
     )
-    SELECT 'token', i.step, NULL::int, NULL::int, i.pos, s.id, s.prob, NULL::vector[], true
-    FROM sample s, this_step i
-    UNION ALL
-    SELECT 'candidate', i.step, NULL, NULL, NULL, p.id, p.prob, NULL, true
-    FROM probs p, this_step i
-    UNION ALL
-    -- the cache: every layer's keys and values, one position longer
-    SELECT b.kind, i.step, b.layer, b.head, NULL, NULL, NULL, b.vs, true
-    FROM blocks b, this_step i WHERE b.kind IN ('k', 'v')
-    UNION ALL
-    -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
-    -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
-    -- scan: every scan of blocks copies the whole cache
-    SELECT b.kind, i.step, b.layer, b.head, NULL, NULL, NULL, b.vs, true
-    FROM blocks b, this_step i
-    WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0))
-    )
-    -- the chunk's own rows, and of its cache only the last step's (the next chunk's start)
-    SELECT kind, step, layer, head, pos, token, prob, vs FROM chunk, chunking c
-    WHERE fresh AND (kind NOT IN ('k', 'v') OR step % c.chunk_steps = 0))
+    -- the chunk's own rows, and of its states only the last step's (the next chunk's start)
+    SELECT kind, step, layer, head, pos, token, prob, vs, inputs, cache FROM chunk, chunking c
+    WHERE fresh AND (kind <> 'state' OR step % c.chunk_steps = 0))
 )
+
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)
 SELECT g.step, g.token, decode_utf8(t.bytes) AS text, t.bytes, g.prob

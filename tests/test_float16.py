@@ -86,11 +86,14 @@ def test_bad_dtype_and_out_of_range_weights_are_refused(tmp_path):
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "float16's range" in r.stderr
 
 
-def test_a_model_loaded_by_an_older_version_says_to_reload(conn, load_tiny):
-    """The query's helpers (as_weights, columns_of) live in each model's schema; without them, one line."""
+@pytest.mark.parametrize("name, missing", [("old_tiny", "FUNCTION {}.as_weights(vector)"),
+                                           ("older_tiny", "TYPE {}.head_cache")])
+def test_a_model_loaded_by_an_older_version_says_to_reload(conn, load_tiny, name, missing):
+    """The query's helpers (as_weights, columns_of) and its cache's type live in each model's schema; without
+    one of them, one line."""
     from gpt_sql.runner.engine import GenerationError, generate_sql
 
-    load_tiny("old_tiny", **TINY)
-    conn.execute("DROP FUNCTION old_tiny.as_weights(vector) CASCADE")
+    load_tiny(name, **TINY)
+    conn.execute(f"DROP {missing.format(name)} CASCADE")
     with pytest.raises(GenerationError, match="loaded by an older gpt-sql .* load it again"):
-        list(generate_sql(conn, "old_tiny", Params("Happy New Year!", tokens=2)))
+        list(generate_sql(conn, name, Params("Happy New Year!", tokens=2)))
