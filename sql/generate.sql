@@ -221,37 +221,35 @@ generate AS (
                        END AS v
                 FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
             ),
-            -- softmax(q k^T / sqrt(hd) + causal mask), one row per head and new position: softmax's numerators
-            -- exp(s - max) over the cached positions (eo, NULL at step 0) and over the new ones (en, zeros past
-            -- the mask), and their sum. From the inside out: the position's scores against the head's cached keys
-            -- (read in place from the state's cache) and the new ones up to itself (the causal mask is the LIMIT),
-            -- their max, the numerators. OFFSET 0 computes each stage once: a flattened one would be evaluated
-            -- again at every use, e.g. per value column
-            softmax AS MATERIALIZED (
-                SELECT n.head, e.p, CASE WHEN m.n_past > 0 THEN e.e[:m.n_past]::vector END AS eo,
-                       (e.e[m.n_past + 1:] || array_fill(0::float8, ARRAY[cardinality(n.k) + m.n_past - cardinality(e.e)]))::vector AS en,
-                       (SELECT sum(y) FROM unnest(e.e) AS y) AS total
-                FROM qkv n, embed m, params pr, LATERAL (
-                    SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
-                    FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
-                          FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
-                                                  FROM (SELECT unnest((state.cache[n.lh]).k) AS k
-                                                        UNION ALL SELECT unnest(n.k)) k
-                                                  LIMIT m.n_past + q.p) AS s
-                                FROM unnest(n.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
-            ),
-            -- attention: softmax @ v, one row per head holding all its new positions' outputs (o[position][column]):
-            -- per value column, the numerators' products with its cached values and its new ones, over their sum
+            -- attention: softmax(q k^T / sqrt(hd) + causal mask) @ v, one row per head and new position, with the
+            -- head's cache found once (past: a walk along the state's cache, its element used in place). From the
+            -- inside out: the position's scores against the head's cached keys and the new ones up to itself (the
+            -- causal mask is the LIMIT), their max, softmax's numerators exp(s - max) over the cached positions
+            -- (eo, NULL at step 0) and over the new ones (en, zeros past the mask) and their sum, then o: per value
+            -- column, the numerators' products with its cached values and its new ones, over the sum. OFFSET 0
+            -- computes each stage once: a flattened one would be evaluated again at every use, e.g. per column
             attention AS MATERIALIZED (
-                SELECT n.head, ARRAY(SELECT ARRAY(SELECT ((coalesce(y.old, 0) + y.new) / s.total)::real
-                                                  FROM (SELECT inner_product(s.eo, unnest((state.cache[n.lh]).v)) AS old,
-                                                               inner_product(s.en, unnest(n.v)) AS new) y)
-                                     FROM softmax s WHERE s.head = n.head ORDER BY s.p) AS o
-                FROM qkv n
+                SELECT a.head, a.p, a.eo, a.en, a.total,
+                       ARRAY(SELECT ((coalesce(y.old, 0) + y.new) / a.total)::real
+                             FROM (SELECT inner_product(a.eo, unnest((a.past).v)) AS old,
+                                          inner_product(a.en, unnest(a.v)) AS new) y) AS o
+                FROM (SELECT n.head, n.v, past.c AS past, e.p, CASE WHEN m.n_past > 0 THEN e.e[:m.n_past]::vector END AS eo,
+                             (e.e[m.n_past + 1:] || array_fill(0::float8, ARRAY[cardinality(n.k) + m.n_past - cardinality(e.e)]))::vector AS en,
+                             (SELECT sum(y) FROM unnest(e.e) AS y) AS total
+                      FROM qkv n, embed m, params pr, LATERAL (SELECT state.cache[n.lh] AS c OFFSET 0) past, LATERAL (
+                          SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
+                          FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
+                                FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
+                                                        FROM (SELECT unnest((past.c).k) AS k UNION ALL SELECT unnest(n.k)) k
+                                                        LIMIT m.n_past + q.p) AS s
+                                      FROM unnest(n.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
+                      OFFSET 0) a
             ),
+            -- heads: each head's outputs at its new positions, o[position][column]
+            heads AS MATERIALIZED (SELECT head, array_agg(o ORDER BY p) AS o FROM attention GROUP BY head),
             -- merge_heads: per new position, the heads' outputs side by side
             merge_heads AS MATERIALIZED (
-                SELECT ARRAY(SELECT as_weights(ARRAY(SELECT unnest(a.o[p:p][:]) FROM attention a ORDER BY a.head)::vector)
+                SELECT ARRAY(SELECT as_weights(ARRAY(SELECT unnest(h.o[p:p][:]) FROM heads h ORDER BY h.head)::vector)
                              FROM generate_series(1, cardinality(x.xs)) AS p ORDER BY p) AS a
                 FROM x
             ),
@@ -309,9 +307,9 @@ generate AS (
             UNION ALL SELECT 'kv', layer, head, NULL, ROW(k, v)::head_cache FROM qkv
             -- with gpt.inspect on: the heads' attention weights, a vector over all positions per new position
             UNION ALL SELECT 'attention', n.layer, n.head,
-                             ARRAY(SELECT ARRAY(SELECT y / s.total
-                                                FROM unnest(coalesce(s.eo::real[], '{}') || s.en::real[]) AS y)::vector
-                                   FROM softmax s WHERE s.head = n.head ORDER BY s.p), NULL
+                             ARRAY(SELECT ARRAY(SELECT y / a.total
+                                                FROM unnest(coalesce(a.eo::real[], '{}') || a.en::real[]) AS y)::vector
+                                   FROM attention a WHERE a.head = n.head ORDER BY a.p), NULL
                       FROM qkv n WHERE (SELECT inspect FROM params))
         ),
         -- ln_f of the last position only (materialised: computed once, not once per wte row)
@@ -351,16 +349,16 @@ generate AS (
         FROM probs p, this_step i
         UNION ALL
         -- the next step's state: the sampled token, and the cache with this step's positions added to each head's
-        -- keys and values (none after the last step). The heads are put in order before their caches are joined
-        -- (OFFSET 0): a sort would copy them
+        -- keys and values (none after the last step): the old caches and the new parts, both in (layer, head)
+        -- order, zipped by two unnests in the select list (the old ones read in place, in one pass)
         SELECT 'state', i.step, NULL, NULL, i.pos, NULL, NULL, NULL, ARRAY[s.id],
                CASE WHEN i.step < p.n_tokens AND s.id <> p.eot THEN ARRAY(
-                   SELECT ROW(coalesce((old.c).k, '{}') || (b.kv).k,
-                              CASE WHEN old.c IS NULL THEN (b.kv).v
-                                   ELSE ARRAY(SELECT unnest((old.c).v) || unnest((b.kv).v)) END)::head_cache
-                   FROM (SELECT b.layer, b.head, b.kv FROM blocks b WHERE b.kind = 'kv'
-                         ORDER BY b.layer, b.head OFFSET 0) b,
-                        LATERAL (SELECT state.cache[b.layer * p.n_head + b.head + 1] AS c OFFSET 0) old) END
+                   SELECT ROW(coalesce((h.old).k, '{}') || (h.new).k,
+                              CASE WHEN h.old IS NULL THEN (h.new).v
+                                   ELSE ARRAY(SELECT unnest((h.old).v) || unnest((h.new).v)) END)::head_cache
+                   FROM (SELECT unnest(state.cache) AS old,
+                                unnest(ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' ORDER BY b.layer, b.head)) AS new) h
+                   ) END
         FROM sample s, this_step i, params p
         UNION ALL
         -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
