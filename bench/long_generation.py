@@ -76,7 +76,8 @@ def main() -> int:
                 times.append(now - t)
                 t = now
         total = time.perf_counter() - start
-        faults = page_faults(pid) - faults if faults is not None else None
+        end = page_faults(pid)
+        faults = end - faults if faults is not None and end is not None else None
         time.sleep(0.6)  # the statistics collector's counters are flushed at most once a second or so
         written = temp_bytes(conn) - before
         steps = times[1:]

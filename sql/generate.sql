@@ -373,7 +373,6 @@ generate AS (
     SELECT kind, step, layer, head, pos, token, prob, vs, inputs, cache FROM chunk, chunking c
     WHERE fresh AND (kind <> 'state' OR step % c.chunk_steps = 0))
 )
-
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)
 SELECT g.step, g.token, decode_utf8(t.bytes) AS text, t.bytes, g.prob

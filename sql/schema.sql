@@ -83,8 +83,8 @@ $$;
 
 -- head_cache: one attention head's KV cache in the query's recursive state: its keys, one hd-vector per position,
 -- and its values transposed, one vector over the positions per column. The state keeps an array of these in
--- (layer, head) order, so a layer finds its heads' caches in place (an array of arrays would be one 2-D array,
--- and finding a row in one walks every vector before it)
+-- (layer, head) order, so a layer finds its heads' caches in place, walking at most n_layer x n_head elements
+-- (an array of vector[] would be one 2-D array of vectors, where finding a row walks every vector before it)
 CREATE TYPE head_cache AS (k vector[], v vector[]);
 
 -- SQL has no RAISE; the query calls this to stop with a message a user can act on
