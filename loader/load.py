@@ -76,7 +76,8 @@ def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tup
     yield "ln_f", ["vector", "vector"], [(p["ln_f.g"], p["ln_f.b"])]
     for table, name in (("attn_c_attn", "attn.c_attn"), ("attn_c_proj", "attn.c_proj"), ("mlp_c_fc", "mlp.c_fc")):
         yield table, ["int4", "int4", "vector", "float4"], _column_rows(p, name, n_layer)
-    yield "mlp_c_proj", ["int4", "int4", "int4", "vector", "float4"], _chunked_column_rows(p, ckpt.hparams)
+    yield "mlp_c_proj", ["int4", "int4", "int4", "vector", "float4"], _chunked_column_rows(
+        p, ckpt.hparams, c_proj_chunk_width(ckpt.hparams, ckpt.dtype))
 
 
 def _embedding_rows(p: Mapping[str, np.ndarray], name: str) -> Iterator[tuple]:
@@ -94,15 +95,32 @@ def _column_rows(p: Mapping[str, np.ndarray], name: str, n_layer: int) -> Iterat
         del w, b  # before the next layer's matrix is read
 
 
-def _chunked_column_rows(p: Mapping[str, np.ndarray], hp: dict[str, int]) -> Iterator[tuple]:
-    """mlp_c_proj's rows: its 4*n_embd inputs cut into four n_embd chunks (a vector per chunk and output column),
-    the bias on chunk 0."""
+# The most a weight row's vector may take (its data bytes) and still share an 8 kB heap page with the row's other
+# columns and headers (PostgreSQL's largest tuple is 8,160 bytes; weights are stored PLAIN, never TOASTed)
+MAX_ROW_BYTES = 8000
+WEIGHT_BYTES = {"float32": 4, "float16": 2}
+
+
+def c_proj_chunk_width(hp: dict[str, int], dtype: str) -> int:
+    """How many of mlp_c_proj's 4*n_embd inputs one row holds: all of them if they fit a page, else the widest
+    even share (n_inner/2, n_inner/3, ...) that does. A row costs a fixed ~0.5 us to reach in a decode step besides
+    its products, so fewer, wider rows are faster (124M: 4 chunks of 768 -> 2 of 1536 fp32, 1 of 3072 fp16)."""
+    n_inner = 4 * hp["n_embd"]
+    for parts in range(1, n_inner + 1):
+        if n_inner % parts == 0 and n_inner // parts * WEIGHT_BYTES[dtype] <= MAX_ROW_BYTES:
+            return n_inner // parts
+    raise AssertionError("unreachable: one input per row fits")
+
+
+def _chunked_column_rows(p: Mapping[str, np.ndarray], hp: dict[str, int], width: int) -> Iterator[tuple]:
+    """mlp_c_proj's rows: its 4*n_embd inputs cut into chunks of `width` (c_proj_chunk_width), a vector per chunk and
+    output column, the bias on chunk 0."""
     d = hp["n_embd"]
     for i in range(hp["n_layer"]):
         w = p[f"h.{i}.mlp.c_proj.w"]
         b = p[f"h.{i}.mlp.c_proj.b"]
-        for chunk in range(4):
-            wc = np.ascontiguousarray(w[chunk * d:(chunk + 1) * d].T)
+        for chunk in range(w.shape[0] // width):
+            wc = np.ascontiguousarray(w[chunk * width:(chunk + 1) * width].T)
             for col in range(d):
                 yield i, chunk, col, wc[col], float(b[col]) if chunk == 0 else 0.0
         del w, b, wc
@@ -343,7 +361,7 @@ def expected_counts(ckpt: Checkpoint, n_merges: int) -> dict[str, int]:
         "tokens": hp["n_vocab"], "merges": n_merges, "byte_tokens": 256,
         "wte": hp["n_vocab"], "wpe": hp["n_ctx"], "ln_1": n_layer, "ln_2": n_layer, "ln_f": 1,
         "attn_c_attn": n_layer * 3 * d, "attn_c_proj": n_layer * d, "mlp_c_fc": n_layer * 4 * d,
-        "mlp_c_proj": n_layer * d * 4,
+        "mlp_c_proj": n_layer * d * (4 * d // c_proj_chunk_width(hp, ckpt.dtype)),
     }
 
 

@@ -108,8 +108,8 @@ def read_model(conn: psycopg.Connection, name: str) -> Checkpoint:
         rows = q(f"SELECT col, chunk, w, b FROM {{s}}.mlp_c_proj WHERE layer = {i} ORDER BY chunk, col")
         w = np.zeros((4 * n_embd, n_embd), dtype=np.float32)
         bias = np.zeros(n_embd, dtype=np.float32)
-        for col, chunk, wc, b in rows:
-            w[chunk * n_embd:(chunk + 1) * n_embd, col] = wc
+        for col, chunk, wc, b in rows:  # chunks of any width (older loads: n_embd)
+            w[chunk * len(wc):(chunk + 1) * len(wc), col] = wc
             bias[col] += b
         params[f"h.{i}.mlp.c_proj.w"], params[f"h.{i}.mlp.c_proj.b"] = w, bias
     params["ln_f.g"], params["ln_f.b"] = q("SELECT g, b FROM {s}.ln_f")[0]

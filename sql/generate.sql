@@ -280,10 +280,11 @@ generate AS (
                                              FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
                 FROM ln_2_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
             ),
-            -- ...cut into chunks of n_embd for c_proj, whose rows hold n_embd inputs
+            -- ...cut into chunks for c_proj, whose rows hold a chunk of its inputs each (as many as fit a page)
             hidden AS MATERIALIZED (
-                SELECT f.layer, c AS chunk, ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * p.n_embd + 1, p.n_embd))) AS hs
-                FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.n_embd - 1) AS c
+                SELECT f.layer, c AS chunk, ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * width.n + 1, width.n))) AS hs
+                FROM c_fc f, (SELECT vector_dims(r.w) AS n FROM mlp_c_proj r LIMIT 1) width,
+                     generate_series(0, vector_dims(f.ys[1]) / width.n - 1) AS c
             ),
             -- c_proj as one partial product per chunk
             c_proj AS MATERIALIZED (

@@ -40,9 +40,10 @@ CREATE TABLE ln_f (g vector NOT NULL, b vector NOT NULL);
 -- attention: c_attn (n_embd -> 3 n_embd: q | k | v) and its output projection c_proj
 CREATE TABLE attn_c_attn (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
 CREATE TABLE attn_c_proj (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
--- MLP: c_fc (n_embd -> 4 n_embd), then c_proj (4 n_embd -> n_embd) as 4 blocks of n_embd input rows, each
--- stored one output column per row; b is the column's bias in block 0 and 0 in the others, so the sum of the
--- blocks' products is x @ w + b
+-- MLP: c_fc (n_embd -> 4 n_embd), then c_proj (4 n_embd -> n_embd) as chunks of its input rows, each stored one
+-- output column per row. A chunk is as many inputs as fit a page (all 4 n_embd where they do; the loader's
+-- c_proj_chunk_width): fewer, wider rows read faster. b is the column's bias in chunk 0 and 0 in the others, so
+-- the sum of the chunks' products is x @ w + b
 CREATE TABLE mlp_c_fc (layer int, col int, w vector NOT NULL, b real NOT NULL, PRIMARY KEY (layer, col));
 CREATE TABLE mlp_c_proj (layer int, chunk int, col int, w vector NOT NULL, b real NOT NULL,
                          PRIMARY KEY (layer, chunk, col));

@@ -143,6 +143,36 @@ def test_empty_prompt_starts_from_endoftext(conn, load_tiny):
     assert len(got) >= 1
 
 
+@pytest.mark.parametrize("n_embd, dtype, width", [
+    (768, "float32", 1536), (768, "float16", 3072), (1024, "float32", 1024), (1024, "float16", 2048),
+    (1280, "float32", 1280), (1280, "float16", 2560), (1600, "float32", 1600), (1600, "float16", 3200),
+    (32, "float32", 128)], ids=lambda v: str(v))
+def test_c_proj_rows_are_as_wide_as_a_page_allows(n_embd, dtype, width):
+    """mlp_c_proj's rows hold as many of its 4 * n_embd inputs as fit a page, in even shares (GPT-2's four sizes)."""
+    from gpt_sql.loader.load import c_proj_chunk_width
+
+    assert c_proj_chunk_width({"n_embd": n_embd}, dtype) == width
+
+
+def test_c_proj_in_several_chunks(conn, monkeypatch):
+    """Where a row cannot hold all of c_proj's inputs, they are cut into chunks whose partial products the query
+    sums: tokens and probabilities stay NumPy's, and the weights read back whole."""
+    from gpt_sql.loader import load as loader
+    from gpt_sql.runner.models import read_model
+    from tiny import make_checkpoint
+
+    monkeypatch.setattr(loader, "MAX_ROW_BYTES", 4 * 32)  # tiny_a's 128 inputs as 4 chunks of 32 floats
+    ckpt = make_checkpoint(**SHAPES["tiny_a"])
+    loader.load(conn, ckpt, "tiny_chunked", progress=False)
+    assert conn.execute("SELECT count(DISTINCT chunk), min(vector_dims(w)), max(vector_dims(w))"
+                        " FROM tiny_chunked.mlp_c_proj").fetchone() == (4, 32, 32)
+    back = read_model(conn, "tiny_chunked")
+    for name in ("h.0.mlp.c_proj.w", "h.1.mlp.c_proj.b"):
+        np.testing.assert_array_equal(back.params[name], ckpt.params[name])
+    for sampling in SAMPLING[:2]:
+        compare(conn, "tiny_chunked", ckpt, Params("Happy New Year!", tokens=8, **sampling))
+
+
 def chunk_steps(conn, name: str, params: Params, work_mem: str) -> int:
     """How many steps a chunk of generate runs for these parameters (the query's chunking CTE)."""
     query = queries.query("generate")
