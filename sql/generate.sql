@@ -123,51 +123,50 @@ prompt AS (
                                        'together at most n_ctx = %s fit', len.n, params.n_tokens, params.n_ctx))
                ELSE 0 END = 0
 ),
--- chunking: how many steps a chunk of generate runs (see there): as many as half of work_mem holds caches of the
--- final length (a cache is keys and values, 2 x n_layer x n_embd float4s per position). A short generation is one
--- chunk; a chunk that outgrew work_mem would go to a temporary file whole, so a long one runs more, shorter chunks
+-- chunking: how many steps a chunk of generate runs (see there). A chunk's steps read the cache it starts from in
+-- place and copy only the keys and values added since (its tail); its end adds them to the cache, a copy of the
+-- whole cache. A chunk of L steps copies tails of about L^2/2 positions and the cache once: L = ceil(sqrt(positions))
+-- keeps both small. At most what work_mem holds of the tails the chunk keeps (L^2/2 positions, each keys and
+-- values: 2 x n_layer x n_embd float4s) until it ends
 chunking AS (
-    SELECT greatest(1, floor(pg_size_bytes(current_setting('work_mem')) / 2
-                             / (2 * p.n_layer * p.n_embd * 4 * (len.n + p.n_tokens))))::int AS chunk_steps
+    SELECT greatest(1, least(ceil(sqrt(len.n + p.n_tokens)),
+                             floor(sqrt(pg_size_bytes(current_setting('work_mem')) / (2 * p.n_layer * p.n_embd * 4)))
+                             ))::int AS chunk_steps
     FROM params p, (SELECT count(*) AS n FROM prompt) len
 ),
 -- generate: each step runs the new positions through the blocks and samples one token. Row kinds:
 --   'token'     (step, pos, token, prob) a prompt token (step 0) or a sampled one
 --   'candidate' (step, token, prob)      the top_n tokens the step sampled from
---   'state'     (step, pos, inputs, cache) what the next step starts from: its input tokens (the prompt at step 0,
+--   'cache'     (step, pos, inputs, cache) where a chunk starts: the next step's input tokens (the prompt at step 0,
 --                                        then the token just sampled) from position pos on, and the KV cache of the
 --                                        positions before: per layer and head in order, its keys and values
+--   'state'     (step, pos, inputs, cache) the same within a chunk, its cache only the positions since the chunk's
+--                                        start (the tail; kept inside the chunk)
 --   'attention' (step, layer, head, vs)  with gpt.inspect on: the head's attention weights, a vector per new position
 --   'x'         (step, layer, vs)        with gpt.inspect on: the residual stream after block layer - 1
--- The next step reads the state row in place (a LATERAL subquery over it): every layer finds its heads' cache
--- there, and the cache is copied only to add the step's positions. Within a step, the new positions travel
--- together: activations are one vector[] (a vector per position), so each weight row is read once per layer and
--- multiplied with every new position while it is at hand.
--- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: a CTE keeps every row its
--- recursion emits until the query ends, caches included, so one flat recursion would hold a cache per step
--- (O(tokens^2) memory, spilled to temporary files: 1.5 GB for 200 tokens). The outer recursion keeps the state
--- of each chunk's last step only; the inner one's rows are dropped chunk by chunk.
+-- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: the outer recursion goes from
+-- cache to cache, the inner one (chunk) from step to step. A step reads the chunk's cache in place, as a parameter
+-- (a LATERAL subquery over the 'cache' row), and carries on only the tail: the working table is a recursion's
+-- only state, and a CTE keeps every row its recursion emits until the query ends, so a whole cache carried by
+-- every step would be copied several times a step and kept once per step. The chunk's last step adds the tail to
+-- the cache, once. Within a step, the new positions travel together: activations are one vector[] (a vector per
+-- position), so each weight row is read once per layer and multiplied with every new position while it is at hand.
 generate AS (
     SELECT 'token' AS kind, 0 AS step, NULL::int AS layer, NULL::int AS head, pos, token, NULL::float8 AS prob,
            NULL::vector[] AS vs, NULL::int[] AS inputs, NULL::head_cache[] AS cache
     FROM prompt
     UNION ALL
-    SELECT 'state', 0, NULL, NULL, 0, NULL, NULL, NULL, array_agg(token ORDER BY pos), NULL FROM prompt
+    SELECT 'cache', 0, NULL, NULL, 0, NULL, NULL, NULL, array_agg(token ORDER BY pos), NULL FROM prompt
     UNION ALL
-    (WITH RECURSIVE
-    -- chunk: the steps from the previous chunk's last state (not fresh) to chunk_steps further: the first step,
-    -- then one more while the step is short of n_tokens, its input is not <|endoftext|> and the chunk goes on
+    SELECT chunk.* FROM (SELECT g.* FROM generate g WHERE g.kind = 'cache' OFFSET 0) base, LATERAL (WITH RECURSIVE
+    -- chunk: the steps from a 'cache' row (base): the first from base with an empty tail, each next from the 'state'
+    -- its step before ended with (a chunk's last step ends with a 'cache' instead, and the last step with neither)
     chunk AS (
-        SELECT g.*, false AS fresh FROM generate g
+        SELECT 'state' AS kind, base.step, NULL::int AS layer, NULL::int AS head, base.pos, NULL::int AS token,
+               NULL::float8 AS prob, NULL::vector[] AS vs, base.inputs, NULL::head_cache[] AS cache
         UNION ALL
-        SELECT step.*, true
-        -- (the state is chosen in a subquery of its own, OFFSET 0: the planner would otherwise join params and
-        -- chunking after the step, and run a step for a state that ends the chunk)
-        FROM (SELECT s.* FROM chunk s, params, chunking c
-              WHERE s.kind = 'state'
-                AND (s.step = 0 OR s.step < params.n_tokens AND s.inputs[1] <> params.eot
-                                   AND NOT (s.fresh AND s.step % c.chunk_steps = 0))
-              OFFSET 0) state, LATERAL (WITH RECURSIVE
+        SELECT step.*
+        FROM (SELECT s.* FROM chunk s WHERE s.kind = 'state' OFFSET 0) state, LATERAL (WITH RECURSIVE
         -- inputs: the positions this step runs, and their tokens
         inputs AS (
             SELECT state.pos + u.i::int - 1 AS pos, u.token FROM unnest(state.inputs) WITH ORDINALITY AS u(token, i)
@@ -175,7 +174,7 @@ generate AS (
         -- this_step: the number of this step and the position of the token it samples
         this_step AS (SELECT state.step + 1 AS step, state.pos + cardinality(state.inputs) AS pos),
         -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type);
-        -- n_past positions are in the cache
+        -- n_past positions come before them (base.pos in the chunk's cache, the rest in the tail)
         embed AS (
             SELECT state.pos AS n_past, array_agg(wte.w::vector + wpe.w::vector ORDER BY i.pos) AS xs
             FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
@@ -221,22 +220,29 @@ generate AS (
                        END AS v
                 FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
             ),
+            -- recent: each head's keys and values since the chunk's cache: the state's tail, then the new positions'
+            recent AS MATERIALIZED (
+                SELECT n.layer, n.head, n.lh, n.q, coalesce((t.c).k, '{}') || n.k AS k,
+                       CASE WHEN t.c IS NULL THEN n.v ELSE ARRAY(SELECT unnest((t.c).v) || unnest(n.v)) END AS v
+                FROM qkv n, LATERAL (SELECT state.cache[n.lh] AS c OFFSET 0) t
+            ),
             -- attention: softmax(q k^T / sqrt(hd) + causal mask) @ v, one row per head and new position, with the
-            -- head's cache found once (past: a walk along the state's cache, its element used in place). From the
-            -- inside out: the position's scores against the head's cached keys and the new ones up to itself (the
-            -- causal mask is the LIMIT), their max, softmax's numerators exp(s - max) over the cached positions
-            -- (eo, NULL at step 0) and over the new ones (en, zeros past the mask) and their sum, then o: per value
-            -- column, the numerators' products with its cached values and its new ones, over the sum. OFFSET 0
-            -- computes each stage once: a flattened one would be evaluated again at every use, e.g. per column
+            -- head's part of the chunk's cache found once (past: a walk along base's cache, its element used in
+            -- place). From the inside out: the position's scores against the head's cached keys and its recent ones
+            -- up to itself (the causal mask is the LIMIT), their max, softmax's numerators exp(s - max) over the
+            -- cached positions (eo, NULL in the first chunk) and over the recent ones (en, zeros past the mask) and
+            -- their sum, then o: per value column, the numerators' products with its cached values and its recent
+            -- ones, over the sum. OFFSET 0 computes each stage once: a flattened one would be evaluated again at
+            -- every use, e.g. per column
             attention AS MATERIALIZED (
                 SELECT a.head, a.p, a.eo, a.en, a.total,
                        ARRAY(SELECT ((coalesce(y.old, 0) + y.new) / a.total)::real
                              FROM (SELECT inner_product(a.eo, unnest((a.past).v)) AS old,
                                           inner_product(a.en, unnest(a.v)) AS new) y) AS o
-                FROM (SELECT n.head, n.v, past.c AS past, e.p, CASE WHEN m.n_past > 0 THEN e.e[:m.n_past]::vector END AS eo,
-                             (e.e[m.n_past + 1:] || array_fill(0::float8, ARRAY[cardinality(n.k) + m.n_past - cardinality(e.e)]))::vector AS en,
+                FROM (SELECT n.head, n.v, past.c AS past, e.p, CASE WHEN base.pos > 0 THEN e.e[:base.pos]::vector END AS eo,
+                             (e.e[base.pos + 1:] || array_fill(0::float8, ARRAY[cardinality(n.k) + base.pos - cardinality(e.e)]))::vector AS en,
                              (SELECT sum(y) FROM unnest(e.e) AS y) AS total
-                      FROM qkv n, embed m, params pr, LATERAL (SELECT state.cache[n.lh] AS c OFFSET 0) past, LATERAL (
+                      FROM recent n, embed m, params pr, LATERAL (SELECT base.cache[n.lh] AS c OFFSET 0) past, LATERAL (
                           SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
                           FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
                                 FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
@@ -304,8 +310,8 @@ generate AS (
                 FROM mha m
             )
             SELECT 'x', layer + 1, NULL::int, xs, NULL::head_cache FROM ffn
-            -- the heads' keys and values of the new positions, for the cache
-            UNION ALL SELECT 'kv', layer, head, NULL, ROW(k, v)::head_cache FROM qkv
+            -- the heads' recent keys and values, for the next step's tail or the next cache
+            UNION ALL SELECT 'kv', layer, head, NULL, ROW(k, v)::head_cache FROM recent
             -- with gpt.inspect on: the heads' attention weights, a vector over all positions per new position
             UNION ALL SELECT 'attention', n.layer, n.head,
                              ARRAY(SELECT ARRAY(SELECT y / a.total
@@ -349,18 +355,23 @@ generate AS (
         SELECT 'candidate', i.step, NULL, NULL, NULL, p.id, p.prob, NULL, NULL, NULL
         FROM probs p, this_step i
         UNION ALL
-        -- the next step's state: the sampled token, and the cache with this step's positions added to each head's
-        -- keys and values (none after the last step): the old caches and the new parts, both in (layer, head)
-        -- order, zipped by two unnests in the select list (the old ones read in place, in one pass)
-        SELECT 'state', i.step, NULL, NULL, i.pos, NULL, NULL, NULL, ARRAY[s.id],
-               CASE WHEN i.step < p.n_tokens AND s.id <> p.eot THEN ARRAY(
+        -- what the next step starts from (nothing after the last step): the sampled token, and within the chunk a
+        -- 'state' with the recent keys and values as its tail; at the chunk's end a 'cache' with them added to each
+        -- head's keys and values: base's caches and the recent parts, both in (layer, head) order, zipped by two
+        -- unnests in the select list (base's read in place, in one pass)
+        SELECT CASE WHEN c.ends THEN 'cache' ELSE 'state' END, i.step, NULL, NULL, i.pos, NULL, NULL, NULL, ARRAY[s.id],
+               CASE WHEN NOT c.ends THEN ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' ORDER BY b.layer, b.head)
+               ELSE ARRAY(
                    SELECT ROW(coalesce((h.old).k, '{}') || (h.new).k,
                               CASE WHEN h.old IS NULL THEN (h.new).v
                                    ELSE ARRAY(SELECT unnest((h.old).v) || unnest((h.new).v)) END)::head_cache
-                   FROM (SELECT unnest(state.cache) AS old,
+                   FROM (SELECT unnest(base.cache) AS old,
                                 unnest(ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' ORDER BY b.layer, b.head)) AS new) h
                    ) END
-        FROM sample s, this_step i, params p
+        FROM sample s, this_step i, params p,
+             -- a chunk ends after the prompt's step (step 1) and then every chunk_steps steps
+             LATERAL (SELECT (i.step - 1) % chunking.chunk_steps = 0 AS ends FROM chunking) c
+        WHERE i.step < p.n_tokens AND s.id <> p.eot
         UNION ALL
         -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
         -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
@@ -370,9 +381,9 @@ generate AS (
         WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0)
         ) step
     )
-    -- the chunk's own rows, and of its states only the last step's (the next chunk's start)
-    SELECT kind, step, layer, head, pos, token, prob, vs, inputs, cache FROM chunk, chunking c
-    WHERE fresh AND (kind <> 'state' OR step % c.chunk_steps = 0))
+    -- the chunk's rows but its states (the next chunk starts from its 'cache')
+    SELECT * FROM chunk WHERE kind <> 'state'
+    ) chunk
 )
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)

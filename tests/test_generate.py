@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -182,22 +183,35 @@ def chunk_steps(conn, name: str, params: Params, work_mem: str) -> int:
         return conn.execute(query).fetchone()[0]
 
 
+def test_chunks_are_sqrt_of_the_positions_within_work_mem(conn, load_tiny):
+    """A chunk runs ceil(sqrt(positions)) steps (a step copies the tail since the chunk's start, the chunk's end the
+    whole cache), fewer where work_mem cannot hold the tails a chunk keeps (L^2/2 positions of keys and values)."""
+    ckpt = load_tiny("tiny_b", **SHAPES["tiny_b"])
+    params = Params("Happy New Year!", tokens=80)
+    n_prompt = len(NumpyEngine(ckpt).tokenizer.encode(params.prompt))
+    assert chunk_steps(conn, "tiny_b", params, "512MB") == math.ceil(math.sqrt(n_prompt + 80))
+    per_position = 2 * SHAPES["tiny_b"]["n_layer"] * SHAPES["tiny_b"]["n_embd"] * 4
+    assert chunk_steps(conn, "tiny_b", params, "64kB") == int(math.sqrt(64 * 1024 / per_position))
+    assert chunk_steps(conn, "tiny_b", replace(params, tokens=1), "512MB") < chunk_steps(conn, "tiny_b", params, "512MB")
+
+
 @pytest.mark.parametrize("sampling", SAMPLING[:3], ids=lambda s: f"T{s['temperature']}-n{s['top_n']}-s{s['seed']}")
-def test_steps_in_several_chunks(conn, load_tiny, monkeypatch, sampling):
-    """With a small work_mem, generate runs its steps in chunks of a few (its nested recursion keeps only each
-    chunk's last cache): tokens, steps and probabilities stay NumPy's across the chunks' boundaries."""
-    ckpt = load_tiny("tiny_a", **SHAPES["tiny_a"])
-    params = Params("Happy New Year!", tokens=20, **sampling)
-    assert chunk_steps(conn, "tiny_a", params, "512MB") >= 20  # one chunk, as every other test runs
-    assert 1 < chunk_steps(conn, "tiny_a", params, "64kB") < 10
-    monkeypatch.setitem(SESSION_SETTINGS, "work_mem", "64kB")
-    compare(conn, "tiny_a", ckpt, params)
+@pytest.mark.parametrize("work_mem", ["512MB", "64kB"])
+def test_steps_in_several_chunks(conn, load_tiny, monkeypatch, sampling, work_mem):
+    """A long generation runs in many chunks (the step after the prompt's ends the first, its cache the prompt's
+    keys and values; each later one adds its steps'): tokens, steps and probabilities stay NumPy's across the
+    chunks' boundaries, with chunks as long as the positions ask for and as short as work_mem makes them."""
+    ckpt = load_tiny("tiny_b", **SHAPES["tiny_b"])
+    params = Params("Happy New Year!", tokens=80, **sampling)
+    assert 1 < chunk_steps(conn, "tiny_b", params, work_mem) < 80 // 4
+    monkeypatch.setitem(SESSION_SETTINGS, "work_mem", work_mem)
+    compare(conn, "tiny_b", ckpt, params)
 
 
-@pytest.mark.parametrize("work_mem", ["512MB", "128kB"], ids=["one chunk", "chunks"])
+@pytest.mark.parametrize("work_mem", ["512MB", "64kB"])
 def test_stops_at_endoftext(conn, load_tiny, monkeypatch, work_mem):
-    """With top_n = n_vocab and a high temperature, some seed reaches <|endoftext|>; SQL stops exactly there, in a
-    chunk of its own or inside one of several."""
+    """With top_n = n_vocab and a high temperature, some seed reaches <|endoftext|>; SQL stops exactly there, in the
+    middle of a chunk or at its end."""
     monkeypatch.setitem(SESSION_SETTINGS, "work_mem", work_mem)
     ckpt = load_tiny("tiny_a", **SHAPES["tiny_a"])
     eot = ckpt.encoder["<|endoftext|>"]
