@@ -324,9 +324,12 @@ generate AS (
             SELECT as_weights(layer_norm(b.vs[cardinality(b.vs)], ln_f.g, ln_f.b)) AS x
             FROM blocks b, ln_f, params p WHERE b.kind = 'x' AND b.layer = p.n_layer
         ),
-        -- logits = x @ wte.T
+        -- logits = x @ wte.T, in id order: an ordered index scan reads each page of wte forwards (the loader writes
+        -- its rows so), faster than a sequential scan. x and the temperature as scalar subqueries, computed once: a
+        -- join would rescan them for every row of wte
         logits AS MATERIALIZED (
-            SELECT wte.id, inner_product(last.x, wte.w) / p.temperature AS logit FROM last, wte, params p
+            SELECT wte.id, inner_product((SELECT x FROM last), wte.w) / (SELECT temperature FROM params) AS logit
+            FROM wte ORDER BY wte.id
         ),
         -- sample: the top_n tokens by logit (ties: lower id), the first whose cumulative probability exceeds u
         top AS (

@@ -63,6 +63,29 @@ def test_weights_read_back_are_the_rounded_ones(conn, loaded):
     assert any(not np.array_equal(rounded.params[k], loaded.params[k]) for k in loaded.params if is_matrix(k))
 
 
+@pytest.mark.parametrize("schema, dtype", [("f32_cli", "float32"), ("f16_cli", "float16")])
+def test_weight_rows_fill_pages_in_scan_order(conn, loaded, schema, dtype):
+    """wte's and the linears' rows fill each heap page (as many as rows_per_page says), and a page's rows in the
+    order the query scans them lie in ascending memory: PostgreSQL fills a page from its end, so the loader writes
+    each page's rows in reverse, and the last line pointer of a page is its first row."""
+    from gpt_sql.loader.load import rows_per_page
+
+    linear = ["int4", "int4", "vector", "float4"]
+    tables = {"wte": ("id", ["int4", "vector"]), "attn_c_attn": ("layer, col", linear),
+              "attn_c_proj": ("layer, col", linear), "mlp_c_fc": ("layer, col", linear),
+              "mlp_c_proj": ("layer, chunk, col", ["int4"] + linear)}
+    for table, (key, types) in tables.items():
+        rows = conn.execute(f"SELECT (ctid::text::point)[0]::int, (ctid::text::point)[1]::int, vector_dims(w)"
+                            f" FROM {schema}.{table} ORDER BY {key}").fetchall()
+        pages: dict[int, list[int]] = {}
+        for page, item, _ in rows:
+            pages.setdefault(page, []).append(item)
+        full = rows_per_page(types, rows[0][2], dtype)
+        assert sorted(len(items) for items in pages.values())[1:] == [full] * (len(pages) - 1), table
+        assert list(pages) == sorted(pages), table  # pages in order...
+        assert all(items == sorted(items, reverse=True) for items in pages.values()), table  # ...rows reversed in each
+
+
 def test_run_on_fp16_agrees_with_the_numpy_engine(loaded):
     args = ("run", "Happy New Year!", "--model", "f16_cli", "--tokens", "8", "--top-n", "1", "--json")
     r = gpt_sql(*args)
