@@ -19,9 +19,10 @@ settings(prompt, tokens, temperature, top_n, seed, inspect) AS (
            current_setting('gpt.temperature', true), current_setting('gpt.top_n', true),
            current_setting('gpt.seed', true), current_setting('gpt.inspect', true)
 ),
--- params: the settings, with defaults, checked before any work
+-- params: the settings, with defaults, checked before any work; and the dimensions derived from the model: hd,
+-- and c_proj_width, how many of mlp_c_proj's inputs a row of it holds (the loader makes rows as wide as fit a page)
 params AS (
-    SELECT h.*, h.n_embd / h.n_head AS hd, s.*
+    SELECT h.*, h.n_embd / h.n_head AS hd, (SELECT vector_dims(r.w) FROM mlp_c_proj r LIMIT 1) AS c_proj_width, s.*
     FROM hparams h, settings,
          LATERAL (SELECT coalesce(settings.prompt, 'Happy New Year!') AS prompt,
                          coalesce(nullif(settings.tokens, '')::int, 10) AS n_tokens,
@@ -286,11 +287,11 @@ generate AS (
                                              FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
                 FROM ln_2_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
             ),
-            -- ...cut into chunks for c_proj, whose rows hold a chunk of its inputs each (as many as fit a page)
+            -- ...cut into chunks of c_proj_width for c_proj, whose rows hold a chunk of its inputs each
             hidden AS MATERIALIZED (
-                SELECT f.layer, c AS chunk, ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * width.n + 1, width.n))) AS hs
-                FROM c_fc f, (SELECT vector_dims(r.w) AS n FROM mlp_c_proj r LIMIT 1) width,
-                     generate_series(0, vector_dims(f.ys[1]) / width.n - 1) AS c
+                SELECT f.layer, c AS chunk,
+                       ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * p.c_proj_width + 1, p.c_proj_width))) AS hs
+                FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.c_proj_width - 1) AS c
             ),
             -- c_proj as one partial product per chunk
             c_proj AS MATERIALIZED (
@@ -358,20 +359,20 @@ generate AS (
         SELECT 'candidate', i.step, NULL, NULL, NULL, p.id, p.prob, NULL, NULL, NULL
         FROM probs p, this_step i
         UNION ALL
-        -- what the next step starts from (nothing after the last step): the sampled token, and within the chunk a
-        -- 'state' with the recent keys and values as its tail; at the chunk's end a 'cache' with them added to each
-        -- head's keys and values: base's caches and the recent parts, both in (layer, head) order, zipped by two
-        -- unnests in the select list (base's read in place, in one pass)
+        -- what the next step starts from (nothing after the last step): the sampled token, and the heads' recent
+        -- keys and values in (layer, head) order: within the chunk a 'state' with them as its tail; at the chunk's
+        -- end a 'cache' with them added to each head's keys and values, base's caches and the recent parts zipped by
+        -- two unnests in the select list (base's read in place, in one pass)
         SELECT CASE WHEN c.ends THEN 'cache' ELSE 'state' END, i.step, NULL, NULL, i.pos, NULL, NULL, NULL, ARRAY[s.id],
-               CASE WHEN NOT c.ends THEN ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' ORDER BY b.layer, b.head)
+               CASE WHEN NOT c.ends THEN r.kvs
                ELSE ARRAY(
                    SELECT ROW(coalesce((h.old).k, '{}') || (h.new).k,
                               CASE WHEN h.old IS NULL THEN (h.new).v
                                    ELSE ARRAY(SELECT unnest((h.old).v) || unnest((h.new).v)) END)::head_cache
-                   FROM (SELECT unnest(base.cache) AS old,
-                                unnest(ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' ORDER BY b.layer, b.head)) AS new) h
+                   FROM (SELECT unnest(base.cache) AS old, unnest(r.kvs) AS new) h
                    ) END
         FROM sample s, this_step i, params p,
+             (SELECT ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' ORDER BY b.layer, b.head) AS kvs) r,
              -- a chunk ends after the prompt's step (step 1) and then every chunk_steps steps
              LATERAL (SELECT (i.step - 1) % chunking.chunk_steps = 0 AS ends FROM chunking) c
         WHERE i.step < p.n_tokens AND s.id <> p.eot
