@@ -16,42 +16,56 @@ from ..runner import queries
 from ..runner.db import SESSION_SETTINGS
 
 # the CTE as sql/generate.sql writes it: from its name to the line that closes it
-SETTINGS_CTE = re.compile(r"^settings\(prompt, tokens, temperature, top_n, seed, inspect\) AS \(\n.*?\n\),$", re.M | re.S)
+SETTINGS_CTE = re.compile(r"^settings\(prompts, tokens, temperature, top_n, seed, seeds, inspect\) AS \(\n.*?\n\),$",
+                          re.M | re.S)
 
-# (name, arguments, what it returns, the query's final SELECT, the settings from the arguments, as text)
+ONE = "prompt text, tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5, seed bigint DEFAULT 0"
+MANY = ("prompts text[], tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5, "
+        "seeds bigint[] DEFAULT NULL")
+# the settings CTE's columns from a function's arguments: (prompts, tokens, temperature, top_n, seed, seeds, inspect)
+ONE_SETTINGS = "ARRAY[$1], $2::text, $3::text, $4::text, $5::text, NULL::bigint[], 'off'"
+MANY_SETTINGS = "$1, $2::text, $3::text, $4::text, NULL::text, $5, 'off'"
+
+# (name, arguments, what it returns, the query's variant, the settings from the arguments, and the variant's columns
+# it returns when not all of them)
 FUNCTIONS = [
-    ("generate",
-     "prompt text, tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5, seed bigint DEFAULT 0",
-     "TABLE (step int, token int, text text, bytes bytea, prob float8)",
-     "generate", "$1, $2::text, $3::text, $4::text, $5::text, 'off'"),
-    ("complete",
-     "prompt text, tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5, seed bigint DEFAULT 0",
-     "text", "text", "$1, $2::text, $3::text, $4::text, $5::text, 'off'"),
+    ("generate", ONE, "TABLE (step int, token int, text text, bytes bytea, prob float8)", "generate", ONE_SETTINGS,
+     "step, token, text, bytes, prob"),
+    ("generate", MANY, "TABLE (i int, step int, token int, text text, bytes bytea, prob float8)", "generate",
+     MANY_SETTINGS, None),
+    ("complete", ONE, "text", "text", ONE_SETTINGS, "completion"),
+    ("complete", MANY, "text[]", "texts", MANY_SETTINGS, None),
     ("next_tokens", "prompt text, top int DEFAULT 5, temperature float8 DEFAULT 1",
-     "TABLE (token int, text text, bytes bytea, prob float8)", "next", "$1, '1', $3::text, $2::text, '0', 'off'"),
-    ("tokenize", "prompt text", "int[]", "ids", "$1, '1', '1', '1', '0', 'off'"),
+     "TABLE (token int, text text, bytes bytea, prob float8)", "next",
+     "ARRAY[$1], '1', $3::text, $2::text, '0', NULL::bigint[], 'off'", None),
+    ("tokenize", "prompt text", "int[]", "ids", "ARRAY[$1], '1', '1', '1', '0', NULL::bigint[], 'off'", None),
     ("inspect", "prompt text",
      "TABLE (kind text, layer int, head int, pos int, token int, prob float8, weights real[])", "inspect",
-     "$1, '1', '1', '1', '0', 'on'"),
+     "ARRAY[$1], '1', '1', '1', '0', NULL::bigint[], 'on'", None),
 ]
 
 
-def function_body(variant: str, arguments: str) -> str:
-    """The query variant with the function's arguments where the settings were."""
+def function_body(variant: str, arguments: str, columns: str | None = None) -> str:
+    """The query variant with the function's arguments where the settings were, returning `columns` of its own."""
     query = queries.query(variant)
     body, n = SETTINGS_CTE.subn(
-        lambda _: f"settings(prompt, tokens, temperature, top_n, seed, inspect) AS (\n    SELECT {arguments}\n),", query)
+        lambda _: f"settings(prompts, tokens, temperature, top_n, seed, seeds, inspect) AS (\n    SELECT {arguments}\n),",
+        query)
     if n != 1:
-        raise RuntimeError("sql/generate.sql lost its settings(prompt, tokens, temperature, top_n, seed, inspect) CTE")
+        raise RuntimeError("sql/generate.sql lost its settings(prompts, tokens, temperature, top_n, seed, seeds, "
+                           "inspect) CTE")
+    if columns:
+        body = f"SELECT {columns} FROM (\n{body.rstrip().rstrip(';')}\n) query"
     return body
 
 
 def create_functions(cur) -> None:
     """Create the functions in the schema being loaded (first on search_path), whose tables their bodies are
     checked against now; set_function_search_path pins them once the schema has its final name."""
-    for name, args, returns, variant, arguments in FUNCTIONS:
+    for name, args, returns, variant, arguments, columns in FUNCTIONS:
         cur.execute(sql.SQL("CREATE FUNCTION {}({}) RETURNS {} LANGUAGE sql VOLATILE AS {}").format(
-            sql.Identifier(name), sql.SQL(args), sql.SQL(returns), sql.Literal(function_body(variant, arguments))))
+            sql.Identifier(name), sql.SQL(args), sql.SQL(returns),
+            sql.Literal(function_body(variant, arguments, columns))))
 
 
 def set_function_search_path(cur, schema: str) -> None:

@@ -32,6 +32,27 @@ class Params:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """Several prompts generated together: the same parameters, a seed each (default: 0 for every one)."""
+    prompts: list[str]
+    tokens: int = 10
+    temperature: float = 1.0
+    top_n: int = 5
+    seeds: list[int] | None = None
+
+    def settings(self) -> dict[str, str | list]:
+        """As settings: the prompts and seeds as lists, which prepare() binds as arrays."""
+        seeds = self.seeds if self.seeds is not None else [0] * len(self.prompts)
+        return {"gpt.prompts": list(self.prompts), "gpt.tokens": str(self.tokens),
+                "gpt.temperature": repr(self.temperature), "gpt.top_n": str(self.top_n), "gpt.seeds": list(seeds)}
+
+    def params(self, i: int) -> Params:
+        """The single-prompt parameters of prompt i (from 1): what it gets alone."""
+        seed = self.seeds[i - 1] if self.seeds is not None else 0
+        return Params(self.prompts[i - 1], self.tokens, self.temperature, self.top_n, seed)
+
+
+@dataclass(frozen=True)
 class Token:
     step: int
     token: int
@@ -43,43 +64,51 @@ class GenerationError(Exception):
     """The query refused its parameters or failed on the server; the message is the server's."""
 
 
-def check_text(text: str) -> None:
+def check_text(text: str, name: str = "the prompt") -> None:
     """What PostgreSQL text cannot hold, refused before it reaches the server (psycopg would fail mid-dump)."""
+    if not isinstance(text, str):
+        raise GenerationError(f"{name} is not text")
     if "\x00" in text:
-        raise GenerationError("the prompt contains a NUL character, which PostgreSQL text cannot hold")
+        raise GenerationError(f"{name} contains a NUL character, which PostgreSQL text cannot hold")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise GenerationError("the prompt is not valid UTF-8 (it holds a lone surrogate)") from None
+        raise GenerationError(f"{name} is not valid UTF-8 (it holds a lone surrogate)") from None
 
 
-def check_fits(conn: psycopg.Connection, model: str, prompt: str, new_tokens: int) -> None:
+def check_fits(conn: psycopg.Connection, model: str, prompts: list[str], new_tokens: int) -> None:
     """Refuse a long prompt that cannot fit n_ctx before the query tokenizes it (seconds for 100 KB): every
     pre-tokenizer piece is at least one token, and a token covers at most the longest token's bytes. Short
-    prompts are left to the query, which gives the exact count."""
-    check_text(prompt)
-    data = prompt.encode("utf-8")
+    prompts are left to the query, which gives the exact count. A batch's prompts are named by number, from 1."""
+    names = ["the prompt"] if len(prompts) == 1 else [f"prompt {i}" for i in range(1, len(prompts) + 1)]
+    for name, prompt in zip(names, prompts):
+        check_text(prompt, name)
+    longest = None
     m = sql.Identifier(model)
     try:
         n_ctx = conn.execute(sql.SQL("SELECT n_ctx FROM {}.hparams").format(m)).fetchone()[0]
-        if len(data) <= n_ctx:
-            return
-        longest = conn.execute(sql.SQL("SELECT max(length(bytes)) FROM {}.tokens").format(m)).fetchone()[0]
+        for name, prompt in zip(names, prompts):
+            data = prompt.encode("utf-8")
+            if len(data) <= n_ctx:
+                continue
+            if longest is None:
+                longest = conn.execute(sql.SQL("SELECT max(length(bytes)) FROM {}.tokens").format(m)).fetchone()[0]
+            at_least = sum(-(-len(piece.encode("utf-8")) // longest) for piece in pretokenize(prompt))
+            if at_least + new_tokens > n_ctx:
+                raise GenerationError(f"{name} is at least {at_least} tokens ({len(data)} bytes) and {new_tokens} new "
+                                      f"tokens were asked for: together at most n_ctx = {n_ctx} fit")
     except psycopg.Error as e:
         raise GenerationError(e.diag.message_primary or str(e).strip().splitlines()[0]) from None
-    at_least = sum(-(-len(piece.encode("utf-8")) // longest) for piece in pretokenize(prompt))
-    if at_least + new_tokens > n_ctx:
-        raise GenerationError(f"the prompt is at least {at_least} tokens ({len(data)} bytes) and {new_tokens} new "
-                              f"tokens were asked for: together at most n_ctx = {n_ctx} fit")
 
 
-def prepare(conn: psycopg.Connection, model: str, settings: dict[str, str], timeout_s: float | None) -> None:
-    """Session state for one query, all LOCAL to the transaction: user text goes in as bound values only."""
+def prepare(conn: psycopg.Connection, model: str, settings: dict[str, str | list], timeout_s: float | None) -> None:
+    """Session state for one query, all LOCAL to the transaction: user text goes in as bound values only (a list
+    as an array, which the server writes as its text form, e.g. gpt.prompts)."""
     conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(model)))
     all_settings = {**SESSION_SETTINGS, **settings}
     if timeout_s:
         all_settings["statement_timeout"] = _timeout_ms(timeout_s)
-    conn.execute("SELECT " + ", ".join(["set_config(%s, %s, true)"] * len(all_settings)),
+    conn.execute("SELECT " + ", ".join(["set_config(%s, %s::text, true)"] * len(all_settings)),
                  [v for item in all_settings.items() for v in item])
 
 
@@ -92,7 +121,6 @@ def _rows(conn: psycopg.Connection, model: str, kind: str, settings: dict[str, s
     """Rows of one query variant; with `stream`, as the server produces them (a server-side cursor, one row
     per fetch), else all at once from a prepared statement. `timeout_s` bounds the whole query: each FETCH is
     a statement of its own, so statement_timeout is reset to what is left before each one."""
-    check_text(settings.get("gpt.prompt", ""))
     deadline = time.monotonic() + timeout_s if timeout_s else None
     try:
         with conn.transaction():
@@ -132,15 +160,28 @@ def _timed_out(timeout_s: float) -> str:
 
 
 def generate_sql(conn: psycopg.Connection, model: str, p: Params, timeout_s: float | None = None) -> Iterator[Token]:
-    check_fits(conn, model, p.prompt, p.tokens)
-    for step, token, _, data, prob in _rows(conn, model, "generate", p.settings(), timeout_s):
+    check_fits(conn, model, [p.prompt], p.tokens)
+    for _, step, token, _, data, prob in _rows(conn, model, "generate", p.settings(), timeout_s):
         yield Token(step, token, bytes(data), prob)
+
+
+def generate_batch_sql(conn: psycopg.Connection, model: str, b: Batch,
+                       timeout_s: float | None = None) -> Iterator[tuple[int, Token]]:
+    """The prompts generated together by one query: (i, token) as they are produced, i the prompt's number from 1.
+    A prompt is done at its last step (b.tokens) or at <|endoftext|>."""
+    if not b.prompts:
+        raise GenerationError("no prompts: give at least one")
+    if b.seeds is not None and len(b.seeds) != len(b.prompts):
+        raise GenerationError(f"{len(b.seeds)} seeds for {len(b.prompts)} prompts: give one seed per prompt")
+    check_fits(conn, model, b.prompts, b.tokens)
+    for i, step, token, _, data, prob in _rows(conn, model, "generate", b.settings(), timeout_s):
+        yield i, Token(step, token, bytes(data), prob)
 
 
 def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temperature: float,
              timeout_s: float | None = None) -> list[Token]:
     p = Params(prompt, tokens=1, temperature=temperature, top_n=top)
-    check_fits(conn, model, prompt, 1)
+    check_fits(conn, model, [prompt], 1)
     return [Token(1, token, bytes(data), prob)
             for token, _, data, prob in _rows(conn, model, "next", p.settings(), timeout_s)]
 
@@ -148,7 +189,7 @@ def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temper
 def inspect_sql(conn: psycopg.Connection, model: str, prompt: str, timeout_s: float | None = None) -> dict:
     """The prompt's attention weights and logit lens, computed by the query's inspect variant: a dict like
     reference.Model.inspect's (numpy arrays)."""
-    check_fits(conn, model, prompt, 1)
+    check_fits(conn, model, [prompt], 1)
     settings = {**Params(prompt, tokens=1, top_n=1).settings(), "gpt.inspect": "on"}
     rows = list(_rows(conn, model, "inspect", settings, timeout_s, stream=False))
     tokens = [token for _, token in sorted((r[3], r[4]) for r in rows if r[0] == "token")]
@@ -167,6 +208,7 @@ def inspect_sql(conn: psycopg.Connection, model: str, prompt: str, timeout_s: fl
 
 def tokenize_sql(conn: psycopg.Connection, model: str, text: str,
                  timeout_s: float | None = None) -> list[tuple[int, bytes]]:
+    check_text(text)
     return [(token, bytes(data))
             for _, token, data in _rows(conn, model, "tokenize", {"gpt.prompt": text}, timeout_s, stream=False)]
 

@@ -12,11 +12,22 @@ from importlib import resources
 TAIL_MARKER = "-- decode:"
 
 TAILS = {
-    "text": """-- complete: the whole completion as one text value (a character cut short becomes U+FFFD)
-SELECT decode_utf8(coalesce(string_agg((SELECT t.bytes FROM tokens t WHERE t.id = g.token), ''::bytea
-                                       ORDER BY g.step), ''::bytea)) AS completion
+    "text": """-- complete: each prompt's completion as one text value (a character cut short becomes U+FFFD)
+SELECT g.i, decode_utf8(coalesce(string_agg((SELECT t.bytes FROM tokens t WHERE t.id = g.token), ''::bytea
+                                            ORDER BY g.step), ''::bytea)) AS completion
 FROM generate g
-WHERE g.kind = 'token' AND g.step > 0;
+WHERE g.kind = 'token' AND g.step > 0
+GROUP BY g.i
+ORDER BY g.i;
+""",
+    # every prompt's completion in one text[], in the prompts' order (the batch complete() SQL function)
+    "texts": """-- completions: the prompts' completions as one text[], in the prompts' order
+SELECT array_agg(c.completion ORDER BY c.i)
+FROM (SELECT g.i, decode_utf8(coalesce(string_agg((SELECT t.bytes FROM tokens t WHERE t.id = g.token), ''::bytea
+                                                  ORDER BY g.step), ''::bytea)) AS completion
+      FROM generate g
+      WHERE g.kind = 'token' AND g.step > 0
+      GROUP BY g.i) c;
 """,
     # the top_n candidates for the first new token, most likely first
     "next": """-- next: the top_n candidates for the next token with their probabilities (softmax of logits / temperature)
@@ -79,7 +90,7 @@ def generate_sql() -> str:
 
 
 def query(kind: str = "generate") -> str:
-    """`generate` (one row per new token), `text`, `next`, `inspect`, `tokenize` or `ids`."""
+    """`generate` (one row per new token), `text`, `texts`, `next`, `inspect`, `tokenize` or `ids`."""
     base = generate_sql()
     if kind == "generate":
         return base

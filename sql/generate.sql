@@ -2,35 +2,53 @@
 --
 -- The model is the one on search_path (SET search_path = gpt2_124m, public). Parameters are settings:
 --   SET gpt.prompt = 'Happy New Year!';  -- '' starts unconditionally from <|endoftext|>
---   SET gpt.tokens = 10;                 -- new tokens (stops early at <|endoftext|>)
+--   SET gpt.prompts = '{"Happy New Year!", "Hello"}';  -- or several prompts at once (a text[]; wins over gpt.prompt)
+--   SET gpt.tokens = 10;                 -- new tokens per prompt (each stops early at <|endoftext|>)
 --   SET gpt.temperature = 1;             -- > 0
 --   SET gpt.top_n = 5;                   -- sample among the n most likely tokens; 1 = greedy
 --   SET gpt.seed = 0;                    -- step k draws u = first 52 bits of md5('<seed>:<k>') / 2^52
+--   SET gpt.seeds = '{1, 2}';            -- or one seed per prompt (a bigint[]; default: gpt.seed for each)
 --   SET gpt.inspect = off;               -- on: also keep every head's attention weights and the residual
 --                                        -- stream after each block (`gpt-sql sql inspect` reads them)
--- One row per generated token, in order, as it is produced: step, token, its text, its bytes, its probability
--- (softmax of logits / temperature over the whole vocabulary).
+-- One row per generated token, as it is produced: i (which prompt, from 1), step, token, its text, its bytes, its
+-- probability (softmax of logits / temperature over the whole vocabulary). The prompts are generated together:
+-- each step runs every unfinished prompt's new positions through each weight row at once.
 -- Each CTE is named after its twin in runner/reference.py.
 WITH RECURSIVE
--- settings: the parameters as text, from the gpt.* settings. A model's SQL functions (generate, complete,
+-- settings: the parameters from the gpt.* settings (scalars as text). A model's SQL functions (generate, complete,
 -- next_tokens, tokenize; loader/functions.py) are this same query with their arguments in this CTE's place
-settings(prompt, tokens, temperature, top_n, seed, inspect) AS (
-    SELECT current_setting('gpt.prompt', true), current_setting('gpt.tokens', true),
-           current_setting('gpt.temperature', true), current_setting('gpt.top_n', true),
-           current_setting('gpt.seed', true), current_setting('gpt.inspect', true)
+settings(prompts, tokens, temperature, top_n, seed, seeds, inspect) AS (
+    SELECT coalesce(nullif(current_setting('gpt.prompts', true), '')::text[],
+                    ARRAY[coalesce(current_setting('gpt.prompt', true), 'Happy New Year!')]),
+           current_setting('gpt.tokens', true), current_setting('gpt.temperature', true),
+           current_setting('gpt.top_n', true), current_setting('gpt.seed', true),
+           nullif(current_setting('gpt.seeds', true), '')::bigint[], current_setting('gpt.inspect', true)
 ),
 -- params: the settings, with defaults, checked before any work; and the dimensions derived from the model: hd,
--- and c_proj_width, how many of mlp_c_proj's inputs a row of it holds (the loader makes rows as wide as fit a page)
+-- c_proj_width (how many of mlp_c_proj's inputs a row of it holds: the loader makes rows as wide as fit a page),
+-- and kv_bytes, what one position's keys and values take in the cache (fp32 in every layer)
 params AS (
-    SELECT h.*, h.n_embd / h.n_head AS hd, (SELECT vector_dims(r.w) FROM mlp_c_proj r LIMIT 1) AS c_proj_width, s.*
+    SELECT h.*, h.n_embd / h.n_head AS hd, (SELECT vector_dims(r.w) FROM mlp_c_proj r LIMIT 1) AS c_proj_width,
+           2 * h.n_layer * h.n_embd * 4 AS kv_bytes, s.*
     FROM hparams h, settings,
-         LATERAL (SELECT coalesce(settings.prompt, 'Happy New Year!') AS prompt,
+         LATERAL (SELECT settings.prompts, coalesce(cardinality(settings.prompts), 0) AS n_prompts,
                          coalesce(nullif(settings.tokens, '')::int, 10) AS n_tokens,
                          coalesce(nullif(settings.temperature, '')::float8, 1) AS temperature,
                          coalesce(nullif(settings.top_n, '')::int, 5) AS top_n,
-                         coalesce(nullif(settings.seed, '')::bigint, 0) AS seed,
+                         coalesce(settings.seeds, array_fill(coalesce(nullif(settings.seed, '')::bigint, 0),
+                                                             ARRAY[coalesce(cardinality(settings.prompts), 0)])) AS seeds,
                          coalesce(nullif(settings.inspect, '')::bool, false) AS inspect) s
     WHERE CASE
+        WHEN s.n_prompts = 0 THEN raise_error('no prompts: give at least one')
+        WHEN array_ndims(s.prompts) > 1 THEN raise_error('the prompts must be a one-dimensional array')
+        WHEN array_position(s.prompts, NULL) IS NOT NULL
+            THEN raise_error(CASE WHEN s.n_prompts = 1 THEN 'the prompt is NULL'
+                                  ELSE format('prompt %s is NULL', array_position(s.prompts, NULL)) END)
+        WHEN coalesce(cardinality(s.seeds), 0) <> s.n_prompts OR array_ndims(s.seeds) > 1
+            THEN raise_error(format('%s seeds for %s prompts: give one seed per prompt', cardinality(s.seeds),
+                                    s.n_prompts))
+        WHEN array_position(s.seeds, NULL) IS NOT NULL
+            THEN raise_error(format('seed %s is NULL', array_position(s.seeds, NULL)))
         WHEN s.n_tokens < 1 THEN raise_error(format('gpt.tokens must be at least 1, got %s', s.n_tokens))
         WHEN NOT s.temperature > 0 OR s.temperature IN ('Infinity', 'NaN')
             THEN raise_error(format('gpt.temperature must be a positive number, got %s', s.temperature))
@@ -38,26 +56,27 @@ params AS (
             THEN raise_error(format('gpt.top_n must be between 1 and %s (the vocabulary), got %s', h.n_vocab, s.top_n))
         ELSE 0 END = 0
 ),
--- chars: the prompt's characters with their class in GPT-2's pattern: L letter, N number, S space, O other
+-- chars: each prompt's (i) characters with their class in GPT-2's pattern: L letter, N number, S space, O other
 chars AS (
-    SELECT t.i, t.c,
+    SELECT p.i::int AS i, t.n AS ch, t.c,
            (SELECT cc.class FROM char_classes cc WHERE cc.lo <= ascii(t.c) ORDER BY cc.lo DESC LIMIT 1) AS cls
-    FROM params, string_to_table(params.prompt, NULL) WITH ORDINALITY AS t(c, i)
+    FROM params, unnest(params.prompts) WITH ORDINALITY AS p(prompt, i),
+         string_to_table(p.prompt, NULL) WITH ORDINALITY AS t(c, n)
 ),
 -- contractions: 's 't 're 've 'm 'll 'd where an apostrophe can start a piece (not inside " '..." or "!'...")
 contractions AS (
-    SELECT i, c, cls, lag(c) OVER w AS prev_c, lag(cls) OVER w AS prev_cls, lead(cls) OVER w AS next_cls,
+    SELECT i, ch, c, cls, lag(c) OVER w AS prev_c, lag(cls) OVER w AS prev_cls, lead(cls) OVER w AS next_cls,
            CASE WHEN c = '''' AND (lag(cls) OVER w IS NULL OR lag(cls) OVER w IN ('L', 'N')
                                    OR (lag(cls) OVER w = 'S' AND lag(c) OVER w <> ' '))
                 THEN CASE WHEN lead(c) OVER w IN ('s', 't', 'm', 'd') THEN 2
                           WHEN lead(c) OVER w || lead(c, 2) OVER w IN ('re', 've', 'll') THEN 3
                           ELSE 0 END
                 ELSE 0 END AS contraction
-    FROM chars WINDOW w AS (ORDER BY i)
+    FROM chars WINDOW w AS (PARTITION BY i ORDER BY ch)
 ),
 -- pretokenize: where GPT-2's regex starts a new piece, decided from each character's neighbours
 pretokenize AS (
-    SELECT i, c, CASE
+    SELECT i, ch, c, CASE
         WHEN prev_cls IS NULL THEN 1
         WHEN lag(contraction) OVER w >= 2 OR lag(contraction, 2) OVER w = 3 THEN 0   -- inside a contraction
         WHEN lag(contraction, 2) OVER w = 2 OR lag(contraction, 3) OVER w = 3 THEN 1 -- just after one
@@ -67,15 +86,16 @@ pretokenize AS (
         WHEN prev_c = ' ' THEN 0                                                       -- " ?\p{L}+" etc.
         ELSE (prev_cls <> cls)::int
     END AS starts
-    FROM contractions WINDOW w AS (ORDER BY i)
+    FROM contractions WINDOW w AS (PARTITION BY i ORDER BY ch)
 ),
 pieces AS (
-    SELECT piece_no, string_agg(c, '' ORDER BY i) AS piece
-    FROM (SELECT i, c, sum(starts) OVER (ORDER BY i) AS piece_no FROM pretokenize) p GROUP BY piece_no
+    SELECT i, piece_no, string_agg(c, '' ORDER BY ch) AS piece
+    FROM (SELECT i, ch, c, sum(starts) OVER (PARTITION BY i ORDER BY ch) AS piece_no FROM pretokenize) p
+    GROUP BY i, piece_no
 ),
--- bpe: each distinct piece as byte tokens, then one merge per step: the lowest-ranked adjacent pair (leftmost on
--- ties). The ranks of the adjacent pairs are kept beside the symbols (ranks[k] is that of symbols k, k+1), so a
--- step looks up only the two pairs its merge creates
+-- bpe: each distinct piece (of all prompts) as byte tokens, then one merge per step: the lowest-ranked adjacent pair
+-- (leftmost on ties). The ranks of the adjacent pairs are kept beside the symbols (ranks[k] is that of symbols k,
+-- k+1), so a step looks up only the two pairs its merge creates
 bpe AS (
     SELECT w.piece, s.symbols,
            ARRAY(SELECT (SELECT mg.rank FROM merges mg WHERE mg.a = s.symbols[k] AND mg.b = s.symbols[k + 1])
@@ -106,291 +126,398 @@ bpe AS (
     ) m ON true
     WHERE NOT bpe.done
 ),
--- encode: the prompt's token ids by position
+-- encode: each prompt's token ids by position
 encode AS (
-    SELECT row_number() OVER (ORDER BY p.piece_no, t.ord)::int - 1 AS pos, t.token
+    SELECT p.i, row_number() OVER (PARTITION BY p.i ORDER BY p.piece_no, t.ord)::int - 1 AS pos, t.token
     FROM pieces p JOIN bpe ON bpe.piece = p.piece AND bpe.done,
          unnest(bpe.symbols) WITH ORDINALITY AS t(token, ord)
 ),
--- prompt: the encoded prompt (an empty one is <|endoftext|> alone), if it and the new tokens fit in n_ctx
+-- prompt: the encoded prompts (an empty one is <|endoftext|> alone), if each and the new tokens fit in n_ctx
 prompt AS (
-    SELECT e.pos, e.token
-    FROM (SELECT pos, token FROM encode
-          UNION ALL
-          SELECT 0, eot FROM params WHERE NOT EXISTS (SELECT FROM encode)) e,
-         params, (SELECT greatest(count(*), 1) AS n FROM encode) len
-    WHERE CASE WHEN len.n + params.n_tokens > params.n_ctx
-               THEN raise_error(format('the prompt is %s tokens and %s new tokens were asked for: '
-                                       'together at most n_ctx = %s fit', len.n, params.n_tokens, params.n_ctx))
+    SELECT e.i, e.pos, e.token
+    FROM (SELECT e.*, count(*) OVER (PARTITION BY e.i) AS n
+          FROM (SELECT i, pos, token FROM encode
+                UNION ALL
+                SELECT p.i::int, 0, params.eot FROM params, unnest(params.prompts) WITH ORDINALITY AS p(prompt, i)
+                WHERE p.prompt = '') e) e, params
+    WHERE CASE WHEN e.n + params.n_tokens > params.n_ctx
+               THEN raise_error(format('%s is %s tokens and %s new tokens were asked for: together at most n_ctx = '
+                                       '%s fit', CASE WHEN params.n_prompts = 1 THEN 'the prompt'
+                                                      ELSE format('prompt %s', e.i) END,
+                                       e.n, params.n_tokens, params.n_ctx))
                ELSE 0 END = 0
 ),
--- chunking: how many steps a chunk of generate runs (see there). A chunk's steps read the cache it starts from in
--- place and copy only the keys and values added since (its tail); its end adds them to the cache, a copy of the
--- whole cache. A chunk of L steps copies tails of about L^2/2 positions and the cache once: L = ceil(sqrt(positions))
--- keeps both small. At most what work_mem holds of the tails the chunk keeps (L^2/2 positions, each keys and
--- values: 2 x n_layer x n_embd float4s) until it ends
+-- chunking: how many steps a chunk of batch runs (see there), and how many sequences a group generates together.
+-- A chunk's steps read the cache it starts from in place and copy only the keys and values added since (the
+-- tails); its end adds them to the cache, a copy of the whole cache. A chunk of L steps copies tails of about
+-- L^2/2 positions and the cache once: L = ceil(sqrt(n_ctx)) keeps both small at any length. It depends on nothing
+-- else, so a sequence's chunks end at the same steps alone or in a batch and its values are the same bits (the
+-- attention's fp32 sums split where the cache ends). At most what work_mem holds of one sequence's tails (L^2
+-- positions of kv_bytes). A group is as many sequences as fit work_mem twice: the caches a group's recursion emits
+-- (one at each chunk's end) stay until the group is done, and so do a chunk's states (its tails) until the chunk
+-- ends, each counted for the longest prompt. Larger batches run in groups, one after another
 chunking AS (
-    SELECT greatest(1, least(ceil(sqrt(len.n + p.n_tokens)),
-                             floor(sqrt(pg_size_bytes(current_setting('work_mem')) / (2 * p.n_layer * p.n_embd * 4)))
-                             ))::int AS chunk_steps
-    FROM params p, (SELECT count(*) AS n FROM prompt) len
+    SELECT c.chunk_steps,
+           greatest(1, least(floor(m.work_mem / (p.kv_bytes * (len.n + p.n_tokens) * (2 + (p.n_tokens - 1) / c.chunk_steps))),
+                             floor(m.work_mem / (p.kv_bytes * least(c.chunk_steps, p.n_tokens) ^ 2 / 2))))::int
+               AS group_size
+    FROM params p, (SELECT max(n) AS n FROM (SELECT count(*) AS n FROM prompt GROUP BY i) l) len,
+         LATERAL (SELECT pg_size_bytes(current_setting('work_mem')) AS work_mem) m,
+         LATERAL (SELECT greatest(1, least(ceil(sqrt(p.n_ctx)), floor(sqrt(m.work_mem / p.kv_bytes))))::int
+                      AS chunk_steps) c
 ),
--- generate: each step runs the new positions through the blocks and samples one token. Row kinds:
---   'token'     (step, pos, token, prob) a prompt token (step 0) or a sampled one
---   'candidate' (step, token, prob)      the top_n tokens the step sampled from
---   'cache'     (step, pos, inputs, cache) where a chunk starts: the next step's input tokens (the prompt at step 0,
---                                        then the token just sampled) from position pos on, and the KV cache of the
---                                        positions before: per layer and head in order, its keys and values
---   'state'     (step, pos, inputs, cache) the same within a chunk, its cache only the positions since the chunk's
---                                        start (the tail; kept inside the chunk)
+-- sequences: each prompt's length, seed, and group (consecutive prompts, group_size at a time)
+sequences AS MATERIALIZED (
+    SELECT l.i, l.len, p.seeds[l.i] AS seed, (l.i - 1) / c.group_size AS grp
+    FROM (SELECT i, count(*)::int AS len FROM prompt GROUP BY i) l, params p, chunking c
+),
+-- generate: each group's recursion (batch), one group after another. Row kinds:
+--   'token'     (i, step, pos, token, prob) a prompt token (step 0) or a sampled one
+--   'candidate' (i, step, token, prob)      the top_n tokens the step sampled from
+--   'cache'     (step, seqs, past, lens, inputs, cache) where a chunk starts: the unfinished sequences (seqs, in
+--                                        order), each one's positions so far (past), the next step's input tokens of
+--                                        them all one after another (inputs: the prompts at step 0, then the tokens
+--                                        just sampled; lens: how many of them are each sequence's), and each
+--                                        sequence's KV cache of its past positions: per layer and head in order, its
+--                                        keys and values
+--   'state'     (step, seqs, past, lens, inputs, cache) the same within a chunk, each cache only the positions since
+--                                        the chunk's start (the tail; kept inside the chunk)
 --   'attention' (step, layer, head, vs)  with gpt.inspect on: the head's attention weights, a vector per new position
 --   'x'         (step, layer, vs)        with gpt.inspect on: the residual stream after block layer - 1
--- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: the outer recursion goes from
--- cache to cache, the inner one (chunk) from step to step. A step reads the chunk's cache in place, as a parameter
--- (a LATERAL subquery over the 'cache' row), and carries on only the tail: the working table is a recursion's
--- only state, and a CTE keeps every row its recursion emits until the query ends, so a whole cache carried by
--- every step would be copied several times a step and kept once per step. The chunk's last step adds the tail to
--- the cache, once. Within a step, the new positions travel together: activations are one vector[] (a vector per
--- position), so each weight row is read once per layer and multiplied with every new position while it is at hand.
+-- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: batch goes from cache to
+-- cache, the inner one (chunk) from step to step. A step reads the chunk's cache in place, as a parameter (a LATERAL
+-- subquery over the 'cache' row), and carries on only the tail: the working table is a recursion's only state, and
+-- a CTE keeps every row its recursion emits until the query ends, so a whole cache carried by every step would be
+-- copied several times a step and kept once per step. The chunk's last step adds the tail to the cache, once.
+-- Within a step, the new positions of all the sequences travel together: activations are one vector[] (a vector per
+-- position, the sequences' one after another), so each weight row is read once per layer and multiplied with every
+-- new position while it is at hand; only attention and sampling look at which sequence a position is of.
 generate AS (
-    SELECT 'token' AS kind, 0 AS step, NULL::int AS layer, NULL::int AS head, pos, token, NULL::float8 AS prob,
-           NULL::vector[] AS vs, NULL::int[] AS inputs, NULL::head_cache[] AS cache
-    FROM prompt
-    UNION ALL
-    SELECT 'cache', 0, NULL, NULL, 0, NULL, NULL, NULL, array_agg(token ORDER BY pos), NULL FROM prompt
-    UNION ALL
-    SELECT chunk.* FROM (SELECT g.* FROM generate g WHERE g.kind = 'cache' OFFSET 0) base, LATERAL (WITH RECURSIVE
-    -- chunk: the steps from a 'cache' row (base): the first from base with an empty tail, each next from the 'state'
-    -- its step before ended with (a chunk's last step ends with a 'cache' instead, and the last step with neither)
-    chunk AS (
-        SELECT 'state' AS kind, base.step, NULL::int AS layer, NULL::int AS head, base.pos, NULL::int AS token,
-               NULL::float8 AS prob, NULL::vector[] AS vs, base.inputs, NULL::head_cache[] AS cache
+    SELECT b.* FROM (SELECT DISTINCT grp FROM sequences ORDER BY grp) g, LATERAL (WITH RECURSIVE
+    batch AS (
+        SELECT 'token' AS kind, p.i, 0 AS step, NULL::int AS layer, NULL::int AS head, p.pos, p.token,
+               NULL::float8 AS prob, NULL::vector[] AS vs, NULL::int[] AS seqs, NULL::int[] AS past,
+               NULL::int[] AS lens, NULL::int[] AS inputs, NULL::seq_cache[] AS cache
+        FROM prompt p JOIN sequences s ON s.i = p.i WHERE s.grp = g.grp
         UNION ALL
-        SELECT step.*
-        FROM (SELECT s.* FROM chunk s WHERE s.kind = 'state' OFFSET 0) state, LATERAL (WITH RECURSIVE
-        -- inputs: the positions this step runs, and their tokens
-        inputs AS (
-            SELECT state.pos + u.i::int - 1 AS pos, u.token FROM unnest(state.inputs) WITH ORDINALITY AS u(token, i)
-        ),
-        -- this_step: the number of this step and the position of the token it samples
-        this_step AS (SELECT state.step + 1 AS step, state.pos + cardinality(state.inputs) AS pos),
-        -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type);
-        -- n_past positions come before them (base.pos in the chunk's cache, the rest in the tail)
-        embed AS (
-            SELECT state.pos AS n_past, array_agg(wte.w::vector + wpe.w::vector ORDER BY i.pos) AS xs
-            FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
-        ),
-        -- transformer_block, once per layer: x + mha(layer_norm(x)), then x + ffn(layer_norm(x))
-        blocks AS (
-            SELECT 'x' AS kind, 0 AS layer, NULL::int AS head, xs AS vs, NULL::head_cache AS kv FROM embed
+        SELECT 'cache', NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, array_agg(s.i ORDER BY s.i),
+               array_agg(0 ORDER BY s.i), array_agg(s.len ORDER BY s.i),
+               ARRAY(SELECT p.token FROM prompt p JOIN sequences ps ON ps.i = p.i WHERE ps.grp = g.grp
+                     ORDER BY p.i, p.pos), NULL
+        FROM sequences s WHERE s.grp = g.grp
+        UNION ALL
+        SELECT chunk.* FROM (SELECT b.* FROM batch b WHERE b.kind = 'cache' OFFSET 0) base, LATERAL (WITH RECURSIVE
+        -- chunk: the steps from a 'cache' row (base): the first from base with empty tails, each next from the
+        -- 'state' its step before ended with (a chunk's last step ends with a 'cache' instead, the last with neither)
+        chunk AS (
+            SELECT 'state' AS kind, NULL::int AS i, base.step, NULL::int AS layer, NULL::int AS head, NULL::int AS pos,
+                   NULL::int AS token, NULL::float8 AS prob, NULL::vector[] AS vs, base.seqs, base.past, base.lens,
+                   base.inputs, NULL::seq_cache[] AS cache
             UNION ALL
-            (WITH
-            x AS (SELECT b.layer, b.vs AS xs FROM blocks b, params WHERE b.kind = 'x' AND b.layer < params.n_layer),
-            ln_1_out AS MATERIALIZED (
-                SELECT x.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
-                                      FROM unnest(x.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
-                FROM x JOIN ln_1 ln ON ln.layer = x.layer
+            SELECT step.*
+            FROM (SELECT s.* FROM chunk s WHERE s.kind = 'state' OFFSET 0) state, LATERAL (WITH RECURSIVE
+            -- live: the sequences this step runs, in order (seq): where their new positions start (pos, after n_past
+            -- positions), how many they are (len), where they are among the step's positions (from off + 1), and the
+            -- sequence's place in base (slot), whose cache holds its first n_base positions
+            live AS MATERIALIZED (
+                SELECT s.seq::int AS seq, s.i, s.pos, s.len, (sum(s.len) OVER (ORDER BY s.seq) - s.len)::int AS off,
+                       b.slot, base.past[b.slot] AS n_base
+                FROM unnest(state.seqs, state.past, state.lens) WITH ORDINALITY AS s(i, pos, len, seq),
+                     LATERAL (SELECT array_position(base.seqs, s.i) AS slot) b
             ),
-            -- linear(ln_1_out, c_attn) -> q | k | v, one vector per new position. Every linear has this form: one
-            -- ordered scan of the layer's weight rows (one output column each) and, per row, its products with all
-            -- new positions while the row is at hand. With several positions the products make a matrix
-            -- y[col][pos] (2-D real[]), cut into the positions' vectors by columns_of; unnest in the select list
-            -- streams the positions in array order (in FROM it would copy every position's vector for every row).
-            -- A single position (every decode step) skips the matrix: its vector is the column-ordered array
-            -- itself, and the position's vector is taken out of its array once (one: OFFSET 0 keeps it a value),
-            -- not at every weight row (0.05 us a row). The inputs are as_weights(...): in the weights' type, vector
-            -- or halfvec (see schema.sql).
-            c_attn AS MATERIALIZED (
-                SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
-                       THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b
-                                        FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector]
-                       ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
-                                             FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
-                FROM ln_1_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+            -- inputs: the positions this step runs (r: their order in the step), and their tokens
+            inputs AS (
+                SELECT l.seq, l.off + u.n::int AS r, l.pos + u.n::int - 1 AS pos, u.token
+                FROM live l, unnest(state.inputs[l.off + 1:l.off + l.len]) WITH ORDINALITY AS u(token, n)
             ),
-            -- split_heads: q and k of each head as one hd-vector per new position; v as one vector over the new
-            -- positions per column (the cache keeps values transposed). lh: the head's place in the cache
-            qkv AS MATERIALIZED (
-                SELECT c.layer, head, c.layer * p.n_head + head + 1 AS lh,
-                       ARRAY(SELECT subvector(unnest(c.ys), head * p.hd + 1, p.hd)) AS q,
-                       ARRAY(SELECT subvector(unnest(c.ys), p.n_embd + head * p.hd + 1, p.hd)) AS k,
-                       CASE WHEN cardinality(c.ys) = 1
-                            THEN ARRAY(SELECT subvector(c.ys[1], 2 * p.n_embd + head * p.hd + j, 1)
-                                       FROM generate_series(1, p.hd) AS j ORDER BY j)
-                            ELSE columns_of(ARRAY(SELECT subvector(unnest(c.ys), 2 * p.n_embd + head * p.hd + 1, p.hd)::real[]))
-                       END AS v
-                FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
+            -- this_step: the number of this step
+            this_step AS (SELECT state.step + 1 AS step),
+            -- embed: token + position embeddings of the new positions, in order (in fp32 whatever the weights' type)
+            embed AS (
+                SELECT array_agg(wte.w::vector + wpe.w::vector ORDER BY i.r) AS xs
+                FROM inputs i JOIN wte ON wte.id = i.token JOIN wpe ON wpe.pos = i.pos
             ),
-            -- recent: each head's keys and values since the chunk's cache: the state's tail, then the new positions'
-            recent AS MATERIALIZED (
-                SELECT n.layer, n.head, n.lh, n.q, coalesce((t.c).k, '{}') || n.k AS k,
-                       CASE WHEN t.c IS NULL THEN n.v ELSE ARRAY(SELECT unnest((t.c).v) || unnest(n.v)) END AS v
-                FROM qkv n, LATERAL (SELECT state.cache[n.lh] AS c OFFSET 0) t
+            -- transformer_block, once per layer: x + mha(layer_norm(x)), then x + ffn(layer_norm(x))
+            blocks AS (
+                SELECT 'x' AS kind, 0 AS layer, NULL::int AS head, NULL::int AS seq, xs AS vs, NULL::head_cache AS kv
+                FROM embed
+                UNION ALL
+                (WITH
+                x AS (SELECT b.layer, b.vs AS xs FROM blocks b, params WHERE b.kind = 'x' AND b.layer < params.n_layer),
+                ln_1_out AS MATERIALIZED (
+                    SELECT x.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
+                                          FROM unnest(x.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
+                    FROM x JOIN ln_1 ln ON ln.layer = x.layer
+                ),
+                -- linear(ln_1_out, c_attn) -> q | k | v, one vector per new position. Every linear has two forms.
+                -- A single position (a decode step of one sequence): one ordered scan of the layer's weight rows (one
+                -- output column each), the position's product with each row while it is at hand, in column order:
+                -- its output vector; the position's vector is taken out of its array once (one: OFFSET 0 keeps it a
+                -- value), not at every weight row (0.05 us a row). Several positions: the layer's rows are copied
+                -- into an array once (w: their weights, and their biases as one vector), then per position one pass
+                -- of products along it gives the position's output vector directly; a scan with every position's
+                -- product per row would give a matrix y[col][pos] to cut into the positions' vectors, which costs as
+                -- much again as the products. The bias is added as a vector, rounded once like the single form's
+                -- (fp32(dot) + b is exact in float8). The inputs are as_weights(...): in the weights' type, vector or
+                -- halfvec (see schema.sql).
+                c_attn AS MATERIALIZED (
+                    SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
+                           THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b
+                                            FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector]
+                           ELSE (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(x, unnest(w.ws)))::vector + w.bs
+                                              FROM unnest(h.hs) AS x)
+                                 FROM (SELECT ARRAY(SELECT w.w FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col) AS ws,
+                                              ARRAY(SELECT w.b FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector AS bs
+                                       OFFSET 0) w) END AS ys
+                    FROM ln_1_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+                ),
+                -- split_heads: q and k of each head as one hd-vector per new position; v as one vector over the new
+                -- positions per column (the cache keeps values transposed). lh: the head's place in a sequence's cache
+                qkv AS MATERIALIZED (
+                    SELECT c.layer, head, c.layer * p.n_head + head + 1 AS lh,
+                           ARRAY(SELECT subvector(unnest(c.ys), head * p.hd + 1, p.hd)) AS q,
+                           ARRAY(SELECT subvector(unnest(c.ys), p.n_embd + head * p.hd + 1, p.hd)) AS k,
+                           CASE WHEN cardinality(c.ys) = 1
+                                THEN ARRAY(SELECT subvector(c.ys[1], 2 * p.n_embd + head * p.hd + j, 1)
+                                           FROM generate_series(1, p.hd) AS j ORDER BY j)
+                                ELSE columns_of(ARRAY(SELECT subvector(unnest(c.ys), 2 * p.n_embd + head * p.hd + 1, p.hd)::real[]))
+                           END AS v
+                    FROM c_attn c, params p, generate_series(0, p.n_head - 1) AS head
+                ),
+                -- recent: each sequence's and head's keys and values since the chunk's cache: the state's tail, then
+                -- the sequence's new positions' (own: its part of the step's; all of it when it is the only one)
+                recent AS MATERIALIZED (
+                    SELECT n.layer, n.head, n.lh, l.seq, own.q, coalesce((t.c).k, '{}') || own.k AS k,
+                           CASE WHEN t.c IS NULL THEN own.v ELSE ARRAY(SELECT unnest((t.c).v) || unnest(own.v)) END AS v
+                    FROM qkv n, live l,
+                         LATERAL (SELECT (state.cache[l.seq]).heads[n.lh] AS c OFFSET 0) t,
+                         LATERAL (SELECT n.q[l.off + 1:l.off + l.len] AS q, n.k[l.off + 1:l.off + l.len] AS k,
+                                         CASE WHEN l.len = cardinality(n.q) THEN n.v
+                                              ELSE ARRAY(SELECT subvector(unnest(n.v), l.off + 1, l.len)) END AS v
+                                  OFFSET 0) own
+                ),
+                -- attention: softmax(q k^T / sqrt(hd) + causal mask) @ v, one row per sequence, head and new position,
+                -- with the head's part of the sequence's cache in base found once (past: a walk along base's caches,
+                -- its element used in place). From the inside out: the position's scores against the head's cached
+                -- keys and its recent ones up to itself (the causal mask is the LIMIT), their max, softmax's
+                -- numerators exp(s - max) over the cached positions (eo, NULL in the first chunk) and over the recent
+                -- ones (en, zeros past the mask) and their sum, then o: per value column, the numerators' products
+                -- with its cached values and its recent ones, over the sum. OFFSET 0 computes each stage once: a
+                -- flattened one would be evaluated again at every use, e.g. per column
+                attention AS MATERIALIZED (
+                    SELECT a.seq, a.head, a.p, a.eo, a.en, a.total,
+                           ARRAY(SELECT ((coalesce(y.old, 0) + y.new) / a.total)::real
+                                 FROM (SELECT inner_product(a.eo, unnest((a.past).v)) AS old,
+                                              inner_product(a.en, unnest(a.v)) AS new) y) AS o
+                    FROM (SELECT n.seq, n.head, n.v, past.c AS past, e.p,
+                                 CASE WHEN l.n_base > 0 THEN e.e[:l.n_base]::vector END AS eo,
+                                 (e.e[l.n_base + 1:] || array_fill(0::float8, ARRAY[cardinality(n.k) + l.n_base - cardinality(e.e)]))::vector AS en,
+                                 (SELECT sum(y) FROM unnest(e.e) AS y) AS total
+                          FROM recent n JOIN live l ON l.seq = n.seq, params pr,
+                               LATERAL (SELECT (base.cache[l.slot]).heads[n.lh] AS c OFFSET 0) past, LATERAL (
+                              SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
+                              FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
+                                    FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
+                                                            FROM (SELECT unnest((past.c).k) AS k UNION ALL SELECT unnest(n.k)) k
+                                                            LIMIT l.pos + q.p) AS s
+                                          FROM unnest(n.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
+                          OFFSET 0) a
+                ),
+                -- heads: each head's outputs at the new positions, o[position][column], in the step's order
+                heads AS MATERIALIZED (SELECT head, array_agg(o ORDER BY seq, p) AS o FROM attention GROUP BY head),
+                -- merge_heads: per new position, the heads' outputs side by side
+                merge_heads AS MATERIALIZED (
+                    SELECT ARRAY(SELECT as_weights(ARRAY(SELECT unnest(h.o[p:p][:]) FROM heads h ORDER BY h.head)::vector)
+                                 FROM generate_series(1, cardinality(x.xs)) AS p ORDER BY p) AS a
+                    FROM x
+                ),
+                -- mha: the heads' output through c_proj, added to the residual
+                mha AS MATERIALIZED (
+                    SELECT x.layer, ARRAY(SELECT u.x + u.y FROM unnest(x.xs, y.ys) WITH ORDINALITY u(x, y, p) ORDER BY u.p) AS xs
+                    FROM x, merge_heads a, LATERAL (SELECT a.a[1] AS a OFFSET 0) one, LATERAL (
+                        SELECT CASE WHEN cardinality(a.a) = 1
+                               THEN ARRAY[ARRAY(SELECT inner_product(one.a, w.w) + w.b
+                                                FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector]
+                               ELSE (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(h, unnest(w.ws)))::vector + w.bs
+                                                  FROM unnest(a.a) AS h)
+                                     FROM (SELECT ARRAY(SELECT w.w FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col) AS ws,
+                                                  ARRAY(SELECT w.b FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector AS bs
+                                           OFFSET 0) w) END AS ys) y
+                ),
+                ln_2_out AS MATERIALIZED (
+                    SELECT m.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
+                                          FROM unnest(m.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
+                    FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
+                ),
+                -- gelu(linear(ln_2_out, c_fc)), gelu taken of each output as it is made (in float8, before it is
+                -- rounded to fp32), the bias with it: the rows of the several-position form are (weights, bias) pairs
+                -- read from the arrays by a scan of unnest that each position rewinds. OFFSET 0 keeps each inner
+                -- product a value of its own (gelu, inlined, reads its argument 4 times)
+                c_fc AS MATERIALIZED (
+                    SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
+                           THEN ARRAY[ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(one.h, w.w) + w.b AS y, w.col
+                                                                    FROM mlp_c_fc w WHERE w.layer = h.layer
+                                                                    ORDER BY w.col OFFSET 0) c ORDER BY c.col)::vector]
+                           ELSE (SELECT ARRAY(SELECT ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(x, u.w) + u.b AS y
+                                                                                  FROM unnest(w.ws, w.bs) AS u(w, b) OFFSET 0) c)::vector
+                                              FROM unnest(h.hs) AS x)
+                                 FROM (SELECT ARRAY(SELECT w.w FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col) AS ws,
+                                              ARRAY(SELECT w.b FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col) AS bs
+                                       OFFSET 0) w) END AS ys
+                    FROM ln_2_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+                ),
+                -- ...cut into chunks of c_proj_width for c_proj, whose rows hold a chunk of its inputs each
+                hidden AS MATERIALIZED (
+                    SELECT f.layer, c AS chunk,
+                           ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * p.c_proj_width + 1, p.c_proj_width))) AS hs
+                    FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.c_proj_width - 1) AS c
+                ),
+                -- c_proj as one partial product per chunk
+                c_proj AS MATERIALIZED (
+                    SELECT CASE WHEN cardinality(h.hs) = 1
+                           THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b FROM mlp_c_proj w
+                                            WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector]
+                           ELSE (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(x, unnest(w.ws)))::vector + w.bs
+                                              FROM unnest(h.hs) AS x)
+                                 FROM (SELECT ARRAY(SELECT w.w FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
+                                                    ORDER BY w.col) AS ws,
+                                              ARRAY(SELECT w.b FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
+                                                    ORDER BY w.col)::vector AS bs
+                                       OFFSET 0) w) END AS ys
+                    FROM hidden h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+                ),
+                -- ffn: the chunks' partial products summed, added to the residual
+                ffn AS (
+                    SELECT m.layer, ARRAY(SELECT u.x + y.y FROM unnest(m.xs) WITH ORDINALITY u(x, p)
+                                          JOIN (SELECT y.p, sum(y.y) AS y FROM c_proj c, unnest(c.ys) WITH ORDINALITY y(y, p)
+                                                GROUP BY y.p) y ON y.p = u.p ORDER BY u.p) AS xs
+                    FROM mha m
+                )
+                SELECT 'x', layer + 1, NULL::int, NULL::int, xs, NULL::head_cache FROM ffn
+                -- the heads' recent keys and values, for the next step's tail or the next cache
+                UNION ALL SELECT 'kv', layer, head, seq, NULL, ROW(k, v)::head_cache FROM recent
+                -- with gpt.inspect on: the heads' attention weights, a vector over all positions per new position
+                UNION ALL SELECT 'attention', n.layer, n.head, NULL,
+                                 ARRAY(SELECT ARRAY(SELECT y / a.total
+                                                    FROM unnest(coalesce(a.eo::real[], '{}') || a.en::real[]) AS y)::vector
+                                       FROM attention a WHERE a.head = n.head ORDER BY a.seq, a.p), NULL
+                          FROM qkv n WHERE (SELECT inspect FROM params))
             ),
-            -- attention: softmax(q k^T / sqrt(hd) + causal mask) @ v, one row per head and new position, with the
-            -- head's part of the chunk's cache found once (past: a walk along base's cache, its element used in
-            -- place). From the inside out: the position's scores against the head's cached keys and its recent ones
-            -- up to itself (the causal mask is the LIMIT), their max, softmax's numerators exp(s - max) over the
-            -- cached positions (eo, NULL in the first chunk) and over the recent ones (en, zeros past the mask) and
-            -- their sum, then o: per value column, the numerators' products with its cached values and its recent
-            -- ones, over the sum. OFFSET 0 computes each stage once: a flattened one would be evaluated again at
-            -- every use, e.g. per column
-            attention AS MATERIALIZED (
-                SELECT a.head, a.p, a.eo, a.en, a.total,
-                       ARRAY(SELECT ((coalesce(y.old, 0) + y.new) / a.total)::real
-                             FROM (SELECT inner_product(a.eo, unnest((a.past).v)) AS old,
-                                          inner_product(a.en, unnest(a.v)) AS new) y) AS o
-                FROM (SELECT n.head, n.v, past.c AS past, e.p, CASE WHEN base.pos > 0 THEN e.e[:base.pos]::vector END AS eo,
-                             (e.e[base.pos + 1:] || array_fill(0::float8, ARRAY[cardinality(n.k) + base.pos - cardinality(e.e)]))::vector AS en,
-                             (SELECT sum(y) FROM unnest(e.e) AS y) AS total
-                      FROM recent n, embed m, params pr, LATERAL (SELECT base.cache[n.lh] AS c OFFSET 0) past, LATERAL (
-                          SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
-                          FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
-                                FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
-                                                        FROM (SELECT unnest((past.c).k) AS k UNION ALL SELECT unnest(n.k)) k
-                                                        LIMIT m.n_past + q.p) AS s
-                                      FROM unnest(n.q) WITH ORDINALITY AS q(q, p) OFFSET 0) s OFFSET 0) s OFFSET 0) e
-                      OFFSET 0) a
+            -- ln_f of each sequence's last position (materialised: computed once, not once per wte row)
+            last AS MATERIALIZED (
+                SELECT l.seq, as_weights(layer_norm(b.vs[l.off + l.len], ln_f.g, ln_f.b)) AS x
+                FROM blocks b, ln_f, params p, live l WHERE b.kind = 'x' AND b.layer = p.n_layer
             ),
-            -- heads: each head's outputs at its new positions, o[position][column]
-            heads AS MATERIALIZED (SELECT head, array_agg(o ORDER BY p) AS o FROM attention GROUP BY head),
-            -- merge_heads: per new position, the heads' outputs side by side
-            merge_heads AS MATERIALIZED (
-                SELECT ARRAY(SELECT as_weights(ARRAY(SELECT unnest(h.o[p:p][:]) FROM heads h ORDER BY h.head)::vector)
-                             FROM generate_series(1, cardinality(x.xs)) AS p ORDER BY p) AS a
-                FROM x
+            -- logits = x @ wte.T / temperature, in id order: an ordered index scan reads each page of wte forwards (the
+            -- loader writes its rows so), faster than a sequential scan. x and the temperature as scalar subqueries,
+            -- computed once: a join would rescan them for every row of wte. With one sequence, a row per token; with
+            -- several (batch_logits), an array per token of their logits (ls[seq]), taken while the row is at hand.
+            -- Each is empty in the other case (rows of both shapes in one CTE, with NULLs, are slower to store and
+            -- read: 5% of a decode step)
+            logits AS MATERIALIZED (
+                SELECT wte.id, inner_product((SELECT x FROM last), wte.w) / (SELECT temperature FROM params) AS logit
+                FROM wte WHERE (SELECT count(*) FROM live) = 1 ORDER BY wte.id
             ),
-            -- mha: the heads' output through c_proj, added to the residual
-            mha AS MATERIALIZED (
-                SELECT x.layer, ARRAY(SELECT u.x + u.y FROM unnest(x.xs, y.ys) WITH ORDINALITY u(x, y, p) ORDER BY u.p) AS xs
-                FROM x, merge_heads a, LATERAL (SELECT a.a[1] AS a OFFSET 0) one, LATERAL (
-                    SELECT CASE WHEN cardinality(a.a) = 1
-                           THEN ARRAY[ARRAY(SELECT inner_product(one.a, w.w) + w.b
-                                            FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector]
-                           ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(a.a), w.w) + w.b)::real)
-                                                 FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)) END AS ys) y
+            batch_logits AS MATERIALIZED (
+                SELECT wte.id, ARRAY(SELECT inner_product(unnest((SELECT array_agg(x ORDER BY seq) FROM last)), wte.w)
+                                            / (SELECT temperature FROM params)) AS ls
+                FROM wte WHERE (SELECT count(*) FROM live) > 1 ORDER BY wte.id
             ),
-            ln_2_out AS MATERIALIZED (
-                SELECT m.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
-                                      FROM unnest(m.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
-                FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
+            -- sample: per sequence, the top_n tokens by logit (ties: lower id), the first whose cumulative probability
+            -- exceeds u. The top_n-th logit of some 100 top_n tokens (bound) is at most the top_n-th of them all, so
+            -- only the tokens at least as likely go to the sort: a few hundred, not all (a sort copies every row it
+            -- is given: 9 ms a sequence, against 3 for this)
+            top AS (
+                SELECT l.seq, t.id, t.logit, row_number() OVER (PARTITION BY l.seq ORDER BY t.logit DESC, t.id) AS rank
+                FROM live l, params p,
+                     LATERAL (SELECT min(b.logit) AS logit
+                              FROM (SELECT b.logit FROM (SELECT g.logit
+                                                         FROM (SELECT logit FROM logits
+                                                               UNION ALL SELECT ls[l.seq] FROM batch_logits) g
+                                                         LIMIT 100 * p.top_n) b
+                                    ORDER BY b.logit DESC LIMIT p.top_n) b) bound,
+                     LATERAL (SELECT g.id, g.logit
+                              FROM (SELECT id, logit FROM logits UNION ALL SELECT id, ls[l.seq] FROM batch_logits) g
+                              WHERE g.logit >= bound.logit
+                              ORDER BY g.logit DESC, g.id LIMIT p.top_n) t
             ),
-            -- gelu(linear(ln_2_out, c_fc)); OFFSET 0 keeps each inner product a value of its own (gelu, inlined,
-            -- reads its argument 4 times)
-            c_fc AS MATERIALIZED (
-                SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
-                       THEN ARRAY[ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(one.h, w.w) + w.b AS y, w.col
-                                                                FROM mlp_c_fc w WHERE w.layer = h.layer
-                                                                ORDER BY w.col OFFSET 0) c ORDER BY c.col)::vector]
-                       ELSE columns_of(ARRAY(SELECT ARRAY(SELECT gelu(c.y)::real
-                                                          FROM (SELECT inner_product(unnest(h.hs), w.w) + w.b AS y OFFSET 0) c)
-                                             FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col)) END AS ys
-                FROM ln_2_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+            -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass
+            probs AS (
+                SELECT t.seq, t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / m.total AS prob
+                FROM top t JOIN (SELECT t.seq, t.logit AS max,
+                                        (SELECT sum(exp(g.logit - t.logit))
+                                         FROM (SELECT logit FROM logits UNION ALL SELECT ls[t.seq] FROM batch_logits) g)
+                                            AS total
+                                 FROM top t WHERE t.rank = 1) m ON m.seq = t.seq
             ),
-            -- ...cut into chunks of c_proj_width for c_proj, whose rows hold a chunk of its inputs each
-            hidden AS MATERIALIZED (
-                SELECT f.layer, c AS chunk,
-                       ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * p.c_proj_width + 1, p.c_proj_width))) AS hs
-                FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.c_proj_width - 1) AS c
+            sample AS (
+                SELECT DISTINCT ON (s.seq) s.seq, s.id, s.prob
+                FROM (SELECT seq, id, rank, prob, sum(e) OVER (PARTITION BY seq ORDER BY rank) / sum(e) OVER (PARTITION BY seq) AS cumulative,
+                             count(*) OVER (PARTITION BY seq) AS n FROM probs) s
+                     JOIN live l ON l.seq = s.seq JOIN sequences q ON q.i = l.i,
+                     LATERAL (SELECT ('x' || substr(md5(q.seed || ':' || i.step), 1, 13))::bit(52)::bigint
+                                     / 4503599627370496.0 AS u
+                              FROM this_step i) draw
+                WHERE s.cumulative > draw.u OR s.rank = s.n
+                ORDER BY s.seq, s.rank
             ),
-            -- c_proj as one partial product per chunk
-            c_proj AS MATERIALIZED (
-                SELECT CASE WHEN cardinality(h.hs) = 1
-                       THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b FROM mlp_c_proj w
-                                        WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector]
-                       ELSE columns_of(ARRAY(SELECT ARRAY(SELECT (inner_product(unnest(h.hs), w.w) + w.b)::real)
-                                             FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
-                                             ORDER BY w.col)) END AS ys
-                FROM hidden h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
-            ),
-            -- ffn: the chunks' partial products summed, added to the residual
-            ffn AS (
-                SELECT m.layer, ARRAY(SELECT u.x + y.y FROM unnest(m.xs) WITH ORDINALITY u(x, p)
-                                      JOIN (SELECT y.p, sum(y.y) AS y FROM c_proj c, unnest(c.ys) WITH ORDINALITY y(y, p)
-                                            GROUP BY y.p) y ON y.p = u.p ORDER BY u.p) AS xs
-                FROM mha m
+            -- next: the sequences that go on (not at <|endoftext|>, nor at the last step), with their sampled tokens,
+            -- in order; and their keys and values of this step in (layer, head) order, each with its tail before
+            next AS MATERIALIZED (
+                SELECT row_number() OVER (ORDER BY l.seq) AS seq, l.i, l.slot, l.pos + l.len AS pos, s.id AS token,
+                       ROW(ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' AND b.seq = l.seq
+                                 ORDER BY b.layer, b.head))::seq_cache AS kv
+                FROM live l JOIN sample s ON s.seq = l.seq, params p, this_step i
+                WHERE i.step < p.n_tokens AND s.id <> p.eot
             )
-            SELECT 'x', layer + 1, NULL::int, xs, NULL::head_cache FROM ffn
-            -- the heads' recent keys and values, for the next step's tail or the next cache
-            UNION ALL SELECT 'kv', layer, head, NULL, ROW(k, v)::head_cache FROM recent
-            -- with gpt.inspect on: the heads' attention weights, a vector over all positions per new position
-            UNION ALL SELECT 'attention', n.layer, n.head,
-                             ARRAY(SELECT ARRAY(SELECT y / a.total
-                                                FROM unnest(coalesce(a.eo::real[], '{}') || a.en::real[]) AS y)::vector
-                                   FROM attention a WHERE a.head = n.head ORDER BY a.p), NULL
-                      FROM qkv n WHERE (SELECT inspect FROM params))
-        ),
-        -- ln_f of the last position only (materialised: computed once, not once per wte row)
-        last AS MATERIALIZED (
-            SELECT as_weights(layer_norm(b.vs[cardinality(b.vs)], ln_f.g, ln_f.b)) AS x
-            FROM blocks b, ln_f, params p WHERE b.kind = 'x' AND b.layer = p.n_layer
-        ),
-        -- logits = x @ wte.T, in id order: an ordered index scan reads each page of wte forwards (the loader writes
-        -- its rows so), faster than a sequential scan. x and the temperature as scalar subqueries, computed once: a
-        -- join would rescan them for every row of wte
-        logits AS MATERIALIZED (
-            SELECT wte.id, inner_product((SELECT x FROM last), wte.w) / (SELECT temperature FROM params) AS logit
-            FROM wte ORDER BY wte.id
-        ),
-        -- sample: the top_n tokens by logit (ties: lower id), the first whose cumulative probability exceeds u
-        top AS (
-            SELECT id, logit, row_number() OVER (ORDER BY logit DESC, id) AS rank
-            FROM (SELECT id, logit FROM logits ORDER BY logit DESC, id LIMIT (SELECT top_n FROM params)) t
-        ),
-        -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass
-        probs AS (
-            SELECT t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / z.total AS prob
-            FROM top t, (SELECT logit AS max FROM top WHERE rank = 1) m,
-                 LATERAL (SELECT sum(exp(l.logit - m.max)) AS total FROM logits l) z
-        ),
-        sample AS (
-            SELECT s.id, s.prob
-            FROM (SELECT id, rank, prob, sum(e) OVER (ORDER BY rank) / sum(e) OVER () AS cumulative,
-                         count(*) OVER () AS n FROM probs) s,
-                 (SELECT ('x' || substr(md5(p.seed || ':' || i.step), 1, 13))::bit(52)::bigint
-                         / 4503599627370496.0 AS u
-                  FROM params p, this_step i) draw
-            WHERE s.cumulative > draw.u OR s.rank = s.n
-            ORDER BY s.rank LIMIT 1
+            SELECT 'token', l.i, i.step, NULL::int, NULL::int, l.pos + l.len, s.id, s.prob, NULL::vector[], NULL::int[],
+                   NULL::int[], NULL::int[], NULL::int[], NULL::seq_cache[]
+            FROM sample s JOIN live l ON l.seq = s.seq, this_step i
+            UNION ALL
+            SELECT 'candidate', l.i, i.step, NULL, NULL, NULL, p.id, p.prob, NULL, NULL, NULL, NULL, NULL, NULL
+            FROM probs p JOIN live l ON l.seq = p.seq, this_step i
+            UNION ALL
+            -- what the next step starts from (nothing after the last step): within the chunk a 'state' with the
+            -- recent keys and values as its tails; at the chunk's end a 'cache' with them added to each sequence's
+            -- cache in base, its heads' caches and the recent ones zipped by two unnests in the select list (base's
+            -- read in place, in one pass)
+            SELECT CASE WHEN c.ends THEN 'cache' ELSE 'state' END, NULL, i.step, NULL, NULL, NULL, NULL, NULL, NULL,
+                   n.seqs, n.past, n.lens, n.inputs,
+                   CASE WHEN NOT c.ends THEN n.kvs
+                   ELSE ARRAY(
+                       SELECT ROW(ARRAY(
+                           SELECT ROW(coalesce((h.old).k, '{}') || (h.new).k,
+                                      CASE WHEN h.old IS NULL THEN (h.new).v
+                                           ELSE ARRAY(SELECT unnest((h.old).v) || unnest((h.new).v)) END)::head_cache
+                           FROM (SELECT unnest((base.cache[x.slot]).heads) AS old, unnest((x.kv).heads) AS new) h
+                           ))::seq_cache
+                       FROM next x ORDER BY x.seq) END
+            FROM this_step i,
+                 (SELECT array_agg(i ORDER BY seq) AS seqs, array_agg(pos ORDER BY seq) AS past,
+                         array_agg(1 ORDER BY seq) AS lens, array_agg(token ORDER BY seq) AS inputs,
+                         array_agg(kv ORDER BY seq) AS kvs FROM next) n,
+                 -- a chunk ends after the prompts' step (step 1) and then every chunk_steps steps
+                 LATERAL (SELECT (i.step - 1) % chunking.chunk_steps = 0 AS ends FROM chunking) c
+            WHERE n.seqs IS NOT NULL
+            UNION ALL
+            -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
+            -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
+            -- scan of blocks
+            SELECT b.kind, NULL, i.step, b.layer, b.head, NULL, NULL, NULL, b.vs, NULL, NULL, NULL, NULL, NULL
+            FROM blocks b, this_step i
+            WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0)
+            ) step
         )
-        SELECT 'token', i.step, NULL::int, NULL::int, i.pos, s.id, s.prob, NULL::vector[], NULL::int[], NULL::head_cache[]
-        FROM sample s, this_step i
-        UNION ALL
-        SELECT 'candidate', i.step, NULL, NULL, NULL, p.id, p.prob, NULL, NULL, NULL
-        FROM probs p, this_step i
-        UNION ALL
-        -- what the next step starts from (nothing after the last step): the sampled token, and the heads' recent
-        -- keys and values in (layer, head) order: within the chunk a 'state' with them as its tail; at the chunk's
-        -- end a 'cache' with them added to each head's keys and values, base's caches and the recent parts zipped by
-        -- two unnests in the select list (base's read in place, in one pass)
-        SELECT CASE WHEN c.ends THEN 'cache' ELSE 'state' END, i.step, NULL, NULL, i.pos, NULL, NULL, NULL, ARRAY[s.id],
-               CASE WHEN NOT c.ends THEN r.kvs
-               ELSE ARRAY(
-                   SELECT ROW(coalesce((h.old).k, '{}') || (h.new).k,
-                              CASE WHEN h.old IS NULL THEN (h.new).v
-                                   ELSE ARRAY(SELECT unnest((h.old).v) || unnest((h.new).v)) END)::head_cache
-                   FROM (SELECT unnest(base.cache) AS old, unnest(r.kvs) AS new) h
-                   ) END
-        FROM sample s, this_step i, params p,
-             (SELECT ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' ORDER BY b.layer, b.head) AS kvs) r,
-             -- a chunk ends after the prompt's step (step 1) and then every chunk_steps steps
-             LATERAL (SELECT (i.step - 1) % chunking.chunk_steps = 0 AS ends FROM chunking) c
-        WHERE i.step < p.n_tokens AND s.id <> p.eot
-        UNION ALL
-        -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
-        -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
-        -- scan of blocks
-        SELECT b.kind, i.step, b.layer, b.head, NULL, NULL, NULL, b.vs, NULL, NULL
-        FROM blocks b, this_step i
-        WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0)
-        ) step
+        -- the chunk's rows but its states (the next chunk starts from its 'cache')
+        SELECT * FROM chunk WHERE kind <> 'state'
+        ) chunk
     )
-    -- the chunk's rows but its states (the next chunk starts from its 'cache')
-    SELECT * FROM chunk WHERE kind <> 'state'
-    ) chunk
+    -- the group's rows but its caches
+    SELECT * FROM batch WHERE kind <> 'cache'
+    ) b
 )
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)
-SELECT g.step, g.token, decode_utf8(t.bytes) AS text, t.bytes, g.prob
+SELECT g.i, g.step, g.token, decode_utf8(t.bytes) AS text, t.bytes, g.prob
 FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t
 WHERE g.kind = 'token' AND g.step > 0;

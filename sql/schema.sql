@@ -83,10 +83,14 @@ CREATE FUNCTION columns_of(m real[]) RETURNS vector[]
 $$;
 
 -- head_cache: one attention head's KV cache in the query's recursive state: its keys, one hd-vector per position,
--- and its values transposed, one vector over the positions per column. The state keeps an array of these in
--- (layer, head) order, so a layer finds its heads' caches in place, walking at most n_layer x n_head elements
--- (an array of vector[] would be one 2-D array of vectors, where finding a row walks every vector before it)
+-- and its values transposed, one vector over the positions per column.
 CREATE TYPE head_cache AS (k vector[], v vector[]);
+-- seq_cache: one sequence's KV cache, its heads' caches in (layer, head) order. The state keeps an array of these,
+-- one per sequence, so a step finds a head's cache in place by walking at most the sequences and then n_layer x
+-- n_head elements: finding an element of an array of variable-length values walks every element before it, and
+-- one flat array over all sequences' heads would make that walk grow with the batch at every one of its heads
+-- (an array of head_cache[] is not possible either: it would be one 2-D array)
+CREATE TYPE seq_cache AS (heads head_cache[]);
 
 -- SQL has no RAISE; the query calls this to stop with a message a user can act on
 CREATE FUNCTION raise_error(message text) RETURNS int LANGUAGE plpgsql AS $$

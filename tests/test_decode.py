@@ -40,7 +40,8 @@ def test_text_query_equals_streamed_tokens(conn, load_tiny, seed):
     ckpt = load_tiny("tiny_a", **TINY)
     p = Params("héllo 🙂", tokens=10, temperature=3.0, top_n=200, seed=seed)
     tokens = [t.token for t in NumpyEngine(ckpt).generate(p)]
-    (text,), = list(_rows(conn, "tiny_a", "text", p.settings(), stream=False))
+    ((i, text),) = list(_rows(conn, "tiny_a", "text", p.settings(), stream=False))
+    assert i == 1
     assert text == NumpyEngine(ckpt).tokenizer.decode(tokens).replace("\x00", "\ufffd")
 
 

@@ -37,18 +37,30 @@ def test_psql_runs_the_shipped_file(dsn, load_tiny):
     ckpt = load_tiny("tiny_a", **TINY)
     rows = psql(dsn, SETTINGS + f"\\i {REPO / 'sql' / 'generate.sql'}\n")
     ref = list(NumpyEngine(ckpt).generate(Params("I wish you a happy New", 8, 0.9, 5, 42)))
-    assert [int(r[0]) for r in rows] == list(range(1, len(ref) + 1))
-    assert [int(r[1]) for r in rows] == [t.token for t in ref]
-    assert [r[2] for r in rows] == [t.bytes.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    assert {r[0] for r in rows} == {"1"}  # the first (and only) prompt
+    assert [int(r[1]) for r in rows] == list(range(1, len(ref) + 1))
+    assert [int(r[2]) for r in rows] == [t.token for t in ref]
+    assert [r[3] for r in rows] == [t.bytes.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
                                     for t in ref]  # words, not hex: each token's text
-    assert [bytes.fromhex(r[3][2:]) for r in rows] == [t.bytes for t in ref]
+    assert [bytes.fromhex(r[4][2:]) for r in rows] == [t.bytes for t in ref]
+
+
+def test_psql_runs_a_batch_of_prompts(dsn, load_tiny):
+    """SET gpt.prompts (a text[]) and gpt.seeds: one generation per prompt, each the one it gets alone."""
+    ckpt = load_tiny("tiny_a", **TINY)
+    prompts, seeds = ["I wish you a happy New", "x", "Happy New Year!"], [42, 1, 2]
+    rows = psql(dsn, SETTINGS + "SET gpt.prompts = '{\"I wish you a happy New\", x, \"Happy New Year!\"}';\n"
+                "SET gpt.seeds = '{42, 1, 2}';\n" + f"\\i {REPO / 'sql' / 'generate.sql'}\n")
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds), 1):
+        ref = list(NumpyEngine(ckpt).generate(Params(prompt, 8, 0.9, 5, seed)))
+        assert [int(r[2]) for r in rows if r[0] == str(i)] == [t.token for t in ref]
 
 
 def test_psql_text_variant(dsn, load_tiny):
     ckpt = load_tiny("tiny_a", **TINY)
     (row,) = psql(dsn, SETTINGS + queries.query("text"))
     tokens = [t.token for t in NumpyEngine(ckpt).generate(Params("I wish you a happy New", 8, 0.9, 5, 42))]
-    assert row[0] == NumpyEngine(ckpt).tokenizer.decode(tokens).replace("\x00", "\ufffd")
+    assert row[0] == "1" and row[1] == NumpyEngine(ckpt).tokenizer.decode(tokens).replace("\x00", "\ufffd")
 
 
 def test_shipped_file_is_the_runner_query():
