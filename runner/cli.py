@@ -24,6 +24,7 @@ from .firstrun import choose_model
 from .progress import waiting
 from .grant import GrantError, grant
 from . import inspect_view
+from .batch import BatchFileError, check_lengths, completions_numpy, open_items, run_jobs
 from .engine import (GenerationError, NumpyEngine, Params, check_text, generate_sql, inspect_sql, next_sql,
                      tokenize_sql)
 from .models import ModelError, list_models, read_model, resolve_model
@@ -32,7 +33,7 @@ from ..loader.checkpoint import (DTYPES, CheckpointError, as_dtype, check_room, 
 from ..loader.load import LoadError, drop, load
 
 USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError,
-               inspect_view.InspectViewError)
+               inspect_view.InspectViewError, BatchFileError)
 
 
 class UsageError(Exception):
@@ -90,19 +91,21 @@ def default_name(path: Path) -> str:
 # --- commands ---------------------------------------------------------------------------------------------
 
 def cmd_run(a: argparse.Namespace) -> int:
+    if (a.prompt is None) == (a.batch is None):
+        raise UsageError("give a PROMPT, or --batch FILE for many")
+    if a.batch is None and a.jobs != 1:
+        raise UsageError("--jobs goes with --batch")
+    if a.batch is not None and a.json:
+        raise UsageError("--batch already prints JSON, one line per completion; leave out --json")
     seed = a.seed if a.seed is not None else random.randrange(2**31)
+    if a.batch is not None:
+        return _run_batch(a, seed)
     p = Params(a.prompt, a.tokens, a.temperature, a.top_n, seed)
     if a.engine == "numpy":
         engine = NumpyEngine(_numpy_checkpoint(a))
         stream = engine.generate(p)
     else:
-        conn = connect(a.dsn)
-        model, loaded = choose_model(conn, a.model)
-        if loaded and resolve_dsn(a.dsn) is None:  # as `gpt-sql load` does: shared buffers for the new model
-            note = fit_shared_buffers(conn)
-            if note:
-                print(f"gpt-sql: {note}", file=sys.stderr)
-                conn = connect(a.dsn)  # a restart closed this session
+        conn, model = _run_model(a)
         stream = generate_sql(conn, model, p, timeout_s=a.timeout)
     # The first token first: a refused parameter or a too long prompt fails before anything is printed.
     stream = iter(stream)
@@ -125,6 +128,45 @@ def cmd_run(a: argparse.Namespace) -> int:
         out.write(decoder.decode(t.bytes))
         out.flush()
     out.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+def _run_model(a: argparse.Namespace) -> tuple[psycopg.Connection, str]:
+    """The connection and model `run` uses: --model, a loaded one, or one loaded now (then, as `gpt-sql load`
+    does, shared buffers sized for it on the embedded server)."""
+    conn = connect(a.dsn)
+    model, loaded = choose_model(conn, a.model)
+    if loaded and resolve_dsn(a.dsn) is None:
+        note = fit_shared_buffers(conn)
+        if note:
+            print(f"gpt-sql: {note}", file=sys.stderr)
+            conn = connect(a.dsn)  # a restart closed this session
+    return conn, model
+
+
+def _run_batch(a: argparse.Namespace, seed: int) -> int:
+    """Each completion as one JSON line when its sequence ends; a progress bar over all tokens on a terminal."""
+    from tqdm import tqdm
+
+    items = open_items(a.batch, sys.stdin)
+    bar = tqdm(total=len(items) * a.tokens, unit="token", file=sys.stderr, disable=not sys.stderr.isatty(),
+               desc=f"{len(items)} prompts", dynamic_ncols=True)
+    if a.engine == "numpy":
+        stream = completions_numpy(NumpyEngine(_numpy_checkpoint(a)), items, a.tokens, a.temperature, a.top_n,
+                                   seed, on_token=lambda: bar.update())
+    else:
+        conn, model = _run_model(a)
+        if a.jobs > 1:  # one job's query must not start generating before another's finds a prompt too long
+            check_lengths(conn, model, items, a.tokens)
+        stream = run_jobs(lambda: connect(a.dsn) if a.jobs > 1 else conn, model, items, a.jobs, a.tokens,
+                          a.temperature, a.top_n, seed, timeout_s=a.timeout, on_token=lambda: bar.update())
+    try:
+        for c in stream:
+            bar.update(a.tokens - len(c.tokens))  # ended early, at <|endoftext|>
+            bar.write(c.json(), file=sys.stdout)
+            sys.stdout.flush()
+    finally:
+        bar.close()
     return 0
 
 
@@ -337,12 +379,18 @@ def parser() -> argparse.ArgumentParser:
                                          "else a private embedded server)")
         return p
 
-    p = add("run", cmd_run, "generate a completion, streamed as it is computed")
-    p.add_argument("prompt", type=prompt_text, help="the prompt ('' starts from <|endoftext|>)")
+    p = add("run", cmd_run, "generate a completion, streamed as it is computed; or many (--batch)")
+    p.add_argument("prompt", nargs="?", type=prompt_text, help="the prompt ('' starts from <|endoftext|>)")
+    p.add_argument("--batch", metavar="FILE",
+                   help="many prompts generated together: one per line, or JSON lines with \"prompt\" and \"seed\" "
+                        "('-' reads stdin); prints each completion as a JSON line when it ends")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="with --batch: split the prompts over this many connections (one core each; default 1)")
     p.add_argument("--tokens", type=positive_int, default=10, help="new tokens (default 10)")
     p.add_argument("--temperature", type=temperature, default=1.0, help="softmax temperature (default 1)")
     p.add_argument("--top-n", type=positive_int, default=5, help="sample among the n most likely tokens; 1 = greedy (default 5)")
-    p.add_argument("--seed", type=seed_int, help="seed of the draws (default: random, shown with --json)")
+    p.add_argument("--seed", type=seed_int, help="seed of the draws (default: random, shown with --json; with "
+                                                "--batch, each prompt's unless its line gives one)")
     p.add_argument("--model", help="model (schema) name; default: the loaded model")
     p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
     p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")

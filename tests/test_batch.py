@@ -173,3 +173,71 @@ def test_batch_functions_over_a_table(conn, model):
         want = list(generate_sql(conn, "batch_tiny", Params(title, 5, 0.9, 5, i)))
         assert [(r[1], r[2], r[3]) for r in rows if r[0] == i] == [(t.step, t.token, t.prob) for t in want]
     assert completions == [c for _, c in single]
+
+
+def gpt_sql(*args: str, input: str | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "gpt_sql.runner.cli", *args], capture_output=True, text=True,
+                          input=input, timeout=300, env=os.environ)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_cli_batch_file_streams_each_completion_as_json(model, tmp_path, jobs):
+    """`gpt-sql run --batch FILE [--jobs 2]`: one JSON line per prompt (in any order, numbered by its line), each
+    what NumPy generates for it with its seed: the file's, else --seed."""
+    import json
+
+    lines = [{"prompt": "Happy New Year!", "seed": 5}, {"prompt": ""}, {"prompt": "x", "seed": 9},
+             {"prompt": "don't STOP: it's 2026"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = gpt_sql("run", "--batch", str(path), "--model", "batch_tiny", "--tokens", "6", "--seed", "3",
+                "--jobs", jobs)
+    assert r.returncode == 0, r.stderr
+    out = {d["i"]: d for d in map(json.loads, r.stdout.splitlines())}
+    assert sorted(out) == [1, 2, 3, 4]
+    eng = NumpyEngine(model)
+    for i, x in enumerate(lines, 1):
+        seed = x.get("seed", 3)
+        want = [t.token for t in eng.generate(Params(x["prompt"], 6, 1.0, 5, seed))]
+        assert out[i]["prompt"] == x["prompt"] and out[i]["seed"] == seed and out[i]["tokens"] == want
+        assert out[i]["text"] == eng.tokenizer.decode(want)
+
+
+def test_cli_batch_of_plain_lines_from_stdin(model):
+    import json
+
+    r = gpt_sql("run", "--batch", "-", "--model", "batch_tiny", "--tokens", "4", "--seed", "2", "--top-n", "1",
+                input="Happy New Year!\n\nI wish you\n")
+    assert r.returncode == 0, r.stderr
+    out = sorted(map(json.loads, r.stdout.splitlines()), key=lambda d: d["i"])
+    assert [d["prompt"] for d in out] == ["Happy New Year!", "I wish you"]  # blank lines are no prompts
+    eng = NumpyEngine(model)
+    assert [d["tokens"] for d in out] == [[t.token for t in eng.generate(Params(p, 4, 1.0, 1, 2))]
+                                          for p in ("Happy New Year!", "I wish you")]
+
+
+@pytest.mark.parametrize("input, args, message", [
+    ('{"prompt": "x"}\nnot json\n', [], "stdin line 2: not JSON"),
+    ('{"prompt": "x"}\n{"seed": 1}\n', [], 'stdin line 2: expected an object with a "prompt" string'),
+    ('{"prompt": "x", "seed": "one"}\n', [], 'stdin line 1: "seed" must be a whole number'),
+    ("\n\n", [], "stdin: no prompts"),
+    ("hi\n" + "word " * 90 + "\n", ["--jobs", "2"], r"prompt 2 is \d+ tokens"),
+    ("hi\n" + "word " * 90 + "\n", [], r"prompt 2 is \d+ tokens"),
+    ("hi\n", ["--json"], "leave out --json"),
+])
+def test_cli_bad_batches_are_one_line_errors_and_nothing_is_printed(model, input, args, message):
+    import re
+
+    r = gpt_sql("run", "--batch", "-", "--model", "batch_tiny", "--tokens", "5", *args, input=input)
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and re.search(message, r.stderr), r.stderr
+
+
+def test_cli_prompt_or_batch(model):
+    for args in ([], ["hi", "--batch", "-"], ["hi", "--jobs", "2"]):
+        r = gpt_sql("run", *args, "--model", "batch_tiny", input="x\n")
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
