@@ -32,8 +32,9 @@ def check_name(name: str) -> str:
 
 
 def schema_sql(dtype: str = "float32") -> str:
-    """The DDL of one model: schema.sql, then float16.sql for fp16 weights."""
-    files = ["schema.sql"] + (["float16.sql"] if dtype == "float16" else [])
+    """The DDL of one model: schema.sql, then float16.sql for fp16 weights, then weights.sql (whose view takes its
+    columns' types from the tables)."""
+    files = ["schema.sql"] + (["float16.sql"] if dtype == "float16" else []) + ["weights.sql"]
     return "\n".join(resources.files("gpt_sql.sql").joinpath(f).read_text(encoding="utf-8") for f in files)
 
 
@@ -336,7 +337,7 @@ UNION ALL
 SELECT 'table', c.relname, a.grantee, a.privilege_type, a.is_grantable
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
      aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
-WHERE n.nspname = %(s)s AND c.relkind = 'r' AND a.grantee <> c.relowner
+WHERE n.nspname = %(s)s AND c.relkind IN ('r', 'v') AND a.grantee <> c.relowner
 UNION ALL
 SELECT 'function', p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', a.grantee, a.privilege_type, a.is_grantable
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace,
@@ -354,7 +355,7 @@ def copy_privileges(cur: psycopg.Cursor, old: str, new: str) -> None:
 
     before, after = acl(old), acl(new)
     cur.execute("SELECT 'table', relname, relname, NULL FROM pg_class"
-                " WHERE relnamespace = %(s)s::regnamespace AND relkind = 'r'"
+                " WHERE relnamespace = %(s)s::regnamespace AND relkind IN ('r', 'v')"
                 " UNION ALL SELECT 'function', proname || '(' || pg_get_function_identity_arguments(oid) || ')',"
                 " proname, pg_get_function_identity_arguments(oid) FROM pg_proc"
                 " WHERE pronamespace = %(s)s::regnamespace", {"s": new})

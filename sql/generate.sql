@@ -249,27 +249,10 @@ generate AS (
                                           FROM unnest(x.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
                     FROM x JOIN ln_1 ln ON ln.layer = x.layer
                 ),
-                -- linear(ln_1_out, c_attn) -> q | k | v, one vector per new position. Every linear has two forms.
-                -- A single position (a decode step of one sequence): one ordered scan of the layer's weight rows (one
-                -- output column each), the position's product with each row while it is at hand, in column order:
-                -- its output vector; the position's vector is taken out of its array once (one: OFFSET 0 keeps it a
-                -- value), not at every weight row (0.05 us a row). Several positions: the layer's rows are copied
-                -- into an array once (w: their weights, and their biases as one vector), then per position one pass
-                -- of products along it gives the position's output vector directly; a scan with every position's
-                -- product per row would give a matrix y[col][pos] to cut into the positions' vectors, which costs as
-                -- much again as the products. The bias is added as a vector, rounded once like the single form's
-                -- (fp32(dot) + b is exact in float8). The inputs are as_weights(...): in the weights' type, vector or
-                -- halfvec (see schema.sql).
+                -- linear(ln_1_out, c_attn) -> q | k | v, one vector per new position (linear: see weights.sql; its
+                -- inputs are as_weights(...), in the weights' type, vector or halfvec: see schema.sql)
                 c_attn AS MATERIALIZED (
-                    SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
-                           THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b
-                                            FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector]
-                           ELSE (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(x, unnest(w.ws)))::vector + w.bs
-                                              FROM unnest(h.hs) AS x)
-                                 FROM (SELECT ARRAY(SELECT w.w FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col) AS ws,
-                                              ARRAY(SELECT w.b FROM attn_c_attn w WHERE w.layer = h.layer ORDER BY w.col)::vector AS bs
-                                       OFFSET 0) w) END AS ys
-                    FROM ln_1_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+                    SELECT h.layer, y.ys FROM ln_1_out h, LATERAL linear(h.hs, 'c_attn', h.layer, 0) y
                 ),
                 -- split_heads: q and k of each head as one hd-vector per new position; v as one vector over the new
                 -- positions per column (the cache keeps values transposed). lh: the head's place in a sequence's cache
@@ -331,40 +314,19 @@ generate AS (
                                  FROM generate_series(1, cardinality(x.xs)) AS p ORDER BY p) AS a
                     FROM x
                 ),
-                -- mha: the heads' output through c_proj, added to the residual
+                -- mha: the heads' output through attn_c_proj, added to the residual
                 mha AS MATERIALIZED (
                     SELECT x.layer, ARRAY(SELECT u.x + u.y FROM unnest(x.xs, y.ys) WITH ORDINALITY u(x, y, p) ORDER BY u.p) AS xs
-                    FROM x, merge_heads a, LATERAL (SELECT a.a[1] AS a OFFSET 0) one, LATERAL (
-                        SELECT CASE WHEN cardinality(a.a) = 1
-                               THEN ARRAY[ARRAY(SELECT inner_product(one.a, w.w) + w.b
-                                                FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector]
-                               ELSE (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(h, unnest(w.ws)))::vector + w.bs
-                                                  FROM unnest(a.a) AS h)
-                                     FROM (SELECT ARRAY(SELECT w.w FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col) AS ws,
-                                                  ARRAY(SELECT w.b FROM attn_c_proj w WHERE w.layer = x.layer ORDER BY w.col)::vector AS bs
-                                           OFFSET 0) w) END AS ys) y
+                    FROM x, merge_heads a, LATERAL linear(a.a, 'attn_c_proj', x.layer, 0) y
                 ),
                 ln_2_out AS MATERIALIZED (
                     SELECT m.layer, ARRAY(SELECT as_weights(layer_norm(u.x, ln.g, ln.b))
                                           FROM unnest(m.xs) WITH ORDINALITY u(x, p) ORDER BY u.p) AS hs
                     FROM mha m JOIN ln_2 ln ON ln.layer = m.layer
                 ),
-                -- gelu(linear(ln_2_out, c_fc)), gelu taken of each output as it is made (in float8, before it is
-                -- rounded to fp32), the bias with it: the rows of the several-position form are (weights, bias) pairs
-                -- read from the arrays by a scan of unnest that each position rewinds. OFFSET 0 keeps each inner
-                -- product a value of its own (gelu, inlined, reads its argument 4 times)
+                -- gelu(linear(ln_2_out, c_fc)), gelu taken of each output as it is made
                 c_fc AS MATERIALIZED (
-                    SELECT h.layer, CASE WHEN cardinality(h.hs) = 1
-                           THEN ARRAY[ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(one.h, w.w) + w.b AS y, w.col
-                                                                    FROM mlp_c_fc w WHERE w.layer = h.layer
-                                                                    ORDER BY w.col OFFSET 0) c ORDER BY c.col)::vector]
-                           ELSE (SELECT ARRAY(SELECT ARRAY(SELECT gelu(c.y) FROM (SELECT inner_product(x, u.w) + u.b AS y
-                                                                                  FROM unnest(w.ws, w.bs) AS u(w, b) OFFSET 0) c)::vector
-                                              FROM unnest(h.hs) AS x)
-                                 FROM (SELECT ARRAY(SELECT w.w FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col) AS ws,
-                                              ARRAY(SELECT w.b FROM mlp_c_fc w WHERE w.layer = h.layer ORDER BY w.col) AS bs
-                                       OFFSET 0) w) END AS ys
-                    FROM ln_2_out h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+                    SELECT h.layer, y.ys FROM ln_2_out h, LATERAL linear(h.hs, 'c_fc', h.layer, 0, 'gelu') y
                 ),
                 -- ...cut into chunks of c_proj_width for c_proj, whose rows hold a chunk of its inputs each
                 hidden AS MATERIALIZED (
@@ -372,19 +334,9 @@ generate AS (
                            ARRAY(SELECT as_weights(subvector(unnest(f.ys), c * p.c_proj_width + 1, p.c_proj_width))) AS hs
                     FROM c_fc f, params p, generate_series(0, vector_dims(f.ys[1]) / p.c_proj_width - 1) AS c
                 ),
-                -- c_proj as one partial product per chunk
+                -- c_proj as one partial product per chunk (mlp_c_proj's rows hold a chunk of its inputs each)
                 c_proj AS MATERIALIZED (
-                    SELECT CASE WHEN cardinality(h.hs) = 1
-                           THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b FROM mlp_c_proj w
-                                            WHERE w.layer = h.layer AND w.chunk = h.chunk ORDER BY w.col)::vector]
-                           ELSE (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(x, unnest(w.ws)))::vector + w.bs
-                                              FROM unnest(h.hs) AS x)
-                                 FROM (SELECT ARRAY(SELECT w.w FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
-                                                    ORDER BY w.col) AS ws,
-                                              ARRAY(SELECT w.b FROM mlp_c_proj w WHERE w.layer = h.layer AND w.chunk = h.chunk
-                                                    ORDER BY w.col)::vector AS bs
-                                       OFFSET 0) w) END AS ys
-                    FROM hidden h, LATERAL (SELECT h.hs[1] AS h OFFSET 0) one
+                    SELECT y.ys FROM hidden h, LATERAL linear(h.hs, 'mlp_c_proj', h.layer, h.chunk) y
                 ),
                 -- ffn: the chunks' partial products summed, added to the residual
                 ffn AS (

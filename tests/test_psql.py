@@ -72,7 +72,7 @@ def test_query_has_no_gpt2_constants(literal):
     """Every size comes from hparams: no GPT-2 124M dimension written into the SQL."""
     import re
 
-    for name in ("generate.sql", "schema.sql"):
+    for name in ("generate.sql", "schema.sql", "weights.sql", "float16.sql"):
         text = re.sub(r"--[^\n]*", "", (REPO / "sql" / name).read_text(encoding="utf-8"))  # code, not comments
         assert not re.search(rf"(?<![\w.]){literal}(?![\w.])", text), f"{literal} in sql/{name}"
 

@@ -1,0 +1,52 @@
+-- gpt-sql: the weight matrices as one view, and the linear that reads them (run after schema.sql and float16.sql:
+-- the view takes its columns' types from the tables).
+
+-- weights: every linear's rows, one output column each, by matrix: c_attn, attn_c_proj, c_fc, and mlp_c_proj (its
+-- inputs in chunks as wide as fit a page; the others' rows hold all their inputs: chunk 0). A query that names the
+-- matrix by a constant reads only that matrix's table: the planner drops the other branches
+CREATE VIEW weights AS
+    SELECT 'c_attn'::text AS matrix, layer, 0 AS chunk, col, w, b FROM attn_c_attn
+    UNION ALL SELECT 'attn_c_proj', layer, 0, col, w, b FROM attn_c_proj
+    UNION ALL SELECT 'c_fc', layer, 0, col, w, b FROM mlp_c_fc
+    UNION ALL SELECT 'mlp_c_proj', layer, chunk, col, w, b FROM mlp_c_proj;
+
+-- linear: hs @ w + b for a matrix's rows (layer l, chunk c), one output vector per position of hs (in the
+-- weights' type: as_weights), with gelu of each output when act = 'gelu'. Inlined where it is called (a
+-- set-returning SQL function, not volatile, called in FROM), so the matrix's name is a constant to the planner.
+-- Two forms:
+-- - one position (a decode step of one sequence): one ordered scan of the layer's rows, the position's product
+--   with each row while it is at hand, in column order: its output vector. The position's vector is taken out of
+--   its array once (one: OFFSET 0 keeps it a value), not at every row (0.05 us a row);
+-- - several positions: the layer's rows are copied into arrays once, by one ordered scan (array_agg takes its
+--   rows in the order the subquery gives them), then per position one pass of products along the weights gives
+--   its output vector directly. A scan with every position's product per row would give a matrix y[col][pos] to
+--   cut into the positions' vectors, which costs as much again as the products. The bias is added as a vector,
+--   rounded once as the single form rounds (fp32(dot) + b is exact in float8), so both give the same bits.
+-- gelu is taken of each output as it is made, in float8 before it is rounded to fp32, so the bias goes with each
+-- product there: the several-position form reads (weights, bias) pairs by a scan of unnest that each position
+-- rewinds; OFFSET 0 keeps each product a value of its own (gelu, inlined, reads its argument 4 times).
+CREATE FUNCTION linear(hs anyarray, m text, l int, c int, act text DEFAULT NULL) RETURNS TABLE (ys vector[])
+    LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN cardinality(hs) = 1 AND act = 'gelu'
+           THEN ARRAY[ARRAY(SELECT gelu(y.y)
+                            FROM (SELECT inner_product(one.h, w.w) + w.b AS y, w.col
+                                  FROM weights w WHERE w.matrix = m AND w.layer = l AND w.chunk = c
+                                  ORDER BY w.col OFFSET 0) y
+                            ORDER BY y.col)::vector]
+           WHEN cardinality(hs) = 1
+           THEN ARRAY[ARRAY(SELECT inner_product(one.h, w.w) + w.b
+                            FROM weights w WHERE w.matrix = m AND w.layer = l AND w.chunk = c
+                            ORDER BY w.col)::vector]
+           ELSE (SELECT CASE WHEN act = 'gelu'
+                        THEN ARRAY(SELECT ARRAY(SELECT gelu(y.y)
+                                                FROM (SELECT inner_product(x, u.w) + u.b AS y
+                                                      FROM unnest(w.ws, w.bs) AS u(w, b) OFFSET 0) y)::vector
+                                   FROM unnest(hs) AS x)
+                        ELSE ARRAY(SELECT ARRAY(SELECT inner_product(x, unnest(w.ws)))::vector + w.bv
+                                   FROM unnest(hs) AS x) END
+                 FROM (SELECT array_agg(w.w) AS ws, array_agg(w.b) AS bs, array_agg(w.b)::vector AS bv
+                       FROM (SELECT w.w, w.b FROM weights w WHERE w.matrix = m AND w.layer = l AND w.chunk = c
+                             ORDER BY w.col) w) w)
+           END
+    FROM (SELECT hs[1] AS h OFFSET 0) one
+$$;
