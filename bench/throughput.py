@@ -35,7 +35,7 @@ from gpt_sql.loader.checkpoint import DTYPES, as_dtype  # noqa: E402
 from gpt_sql.loader.load import load  # noqa: E402
 from gpt_sql.runner.batch import Item, run_jobs  # noqa: E402
 from gpt_sql.runner.db import connect, embedded_uri, fit_shared_buffers  # noqa: E402
-from gpt_sql.runner.engine import NumpyEngine, Params, generate_sql  # noqa: E402
+from gpt_sql.runner.engine import Batch, NumpyEngine, Params, generate_sql  # noqa: E402
 from gpt_sql.runner.models import model_names, read_vocabulary  # noqa: E402
 from gpt_sql.runner.tokenizer import Tokenizer  # noqa: E402
 
@@ -106,6 +106,7 @@ def run_batch(schema: str, prompts: list[str], tokens: int, jobs: int) -> tuple[
     """The prompts as batches over `jobs` fresh connections: (seconds to the last token, tokens per prompt, the
     backends' peak private memory in MB, summed)."""
     items = [Item(i, p) for i, p in enumerate(prompts, 1)]
+    greedy = Batch([], tokens, top_n=1)
     conns: list[psycopg.Connection] = []
     with PeakMemory() as memory:
         def new_connection() -> psycopg.Connection:
@@ -116,7 +117,7 @@ def run_batch(schema: str, prompts: list[str], tokens: int, jobs: int) -> tuple[
         first = new_connection() if jobs == 1 else None
         t = time.perf_counter()
         got = {c.i: [tk.token for tk in c.tokens]
-               for c in run_jobs(lambda: first or new_connection(), schema, items, jobs, tokens, 1.0, 1, 0)}
+               for c in run_jobs(lambda: first or new_connection(), schema, items, jobs, greedy, 0)}
         wall = time.perf_counter() - t
     for conn in conns:
         conn.close()

@@ -9,72 +9,96 @@ of the pipeline to keep in step, and `SELECT gpt2_124m.complete(title, 20) FROM 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from psycopg import sql
 
 from ..runner import queries
 from ..runner.db import SESSION_SETTINGS
 
-# the CTE as sql/generate.sql writes it: from its name to the line that closes it
-SETTINGS_CTE = re.compile(r"^settings\(prompts, tokens, temperature, top_n, seed, seeds, inspect\) AS \(\n.*?\n\),$",
-                          re.M | re.S)
+# the CTE as sql/generate.sql writes it: from its name to the line that closes it; and its columns' types
+SETTINGS = {"prompts": "text[]", "tokens": "text", "temperature": "text", "top_n": "text", "seed": "text",
+            "seeds": "bigint[]", "task": "text", "top_p": "text", "logprobs": "text", "stop": "text[]", "layer": "text"}
+SETTINGS_HEAD = f"settings({', '.join(SETTINGS)}) AS ("
+SETTINGS_CTE = re.compile(r"^" + re.escape(SETTINGS_HEAD) + r"\n.*?\n\),$", re.M | re.S)
 
-ONE = "prompt text, tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5, seed bigint DEFAULT 0"
-MANY = ("prompts text[], tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5, "
-        "seeds bigint[] DEFAULT NULL")
-# the settings CTE's columns from a function's arguments: (prompts, tokens, temperature, top_n, seed, seeds, inspect)
-ONE_SETTINGS = "ARRAY[$1], $2::text, $3::text, $4::text, $5::text, NULL::bigint[], 'off'"
-MANY_SETTINGS = "$1, $2::text, $3::text, $4::text, NULL::text, $5, 'off'"
+SAMPLING = "tokens int DEFAULT 10, temperature float8 DEFAULT 1, top_n int DEFAULT 5"
+ONE, MANY = "prompt text", "prompts text[]"
+# the generation's arguments as settings: $1 the prompt(s), $2.. the rest in the order the signature gives them
+GENERATION = {"tokens": "$2::text", "temperature": "$3::text", "top_n": "$4::text", "stop": "$6", "top_p": "$7::text"}
+ONE_GENERATION = {"prompts": "ARRAY[$1]", "seed": "$5::text", **GENERATION}
+MANY_GENERATION = {"prompts": "$1", "seeds": "$5", **GENERATION}
+STOP_TOP_P = "stop text[] DEFAULT NULL, top_p float8 DEFAULT 1"
+TOKENS = "TABLE (step int, token int, text text, bytes bytea, prob float8, alternatives jsonb)"
 
-# (name, arguments, what it returns, the query's variant, the settings from the arguments, and the variant's columns
-# it returns when not all of them)
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    args: str  # its arguments as CREATE FUNCTION writes them
+    returns: str
+    variant: str  # of the query (runner/queries.py)
+    settings: dict[str, str]  # the settings CTE's columns from its arguments; the others NULL
+    columns: str | None = None  # what it returns of the variant's columns, when not all of them
+
+
 FUNCTIONS = [
-    ("generate", ONE, "TABLE (step int, token int, text text, bytes bytea, prob float8)", "generate", ONE_SETTINGS,
-     "step, token, text, bytes, prob"),
-    ("generate", MANY, "TABLE (i int, step int, token int, text text, bytes bytea, prob float8)", "generate",
-     MANY_SETTINGS, None),
-    ("complete", ONE, "text", "text", ONE_SETTINGS, "completion"),
-    ("complete", MANY, "text[]", "texts", MANY_SETTINGS, None),
-    ("next_tokens", "prompt text, top int DEFAULT 5, temperature float8 DEFAULT 1",
-     "TABLE (token int, text text, bytes bytea, prob float8)", "next",
-     "ARRAY[$1], '1', $3::text, $2::text, '0', NULL::bigint[], 'off'", None),
-    ("tokenize", "prompt text", "int[]", "ids", "ARRAY[$1], '1', '1', '1', '0', NULL::bigint[], 'off'", None),
-    ("inspect", "prompt text",
-     "TABLE (kind text, layer int, head int, pos int, token int, prob float8, weights real[])", "inspect",
-     "ARRAY[$1], '1', '1', '1', '0', NULL::bigint[], 'on'", None),
+    Function("generate", f"{ONE}, {SAMPLING}, seed bigint DEFAULT 0, {STOP_TOP_P}, logprobs int DEFAULT 0", TOKENS,
+             "generate", {**ONE_GENERATION, "logprobs": "$8::text"}, "step, token, text, bytes, prob, alternatives"),
+    Function("generate", f"{MANY}, {SAMPLING}, seeds bigint[] DEFAULT NULL, {STOP_TOP_P}, logprobs int DEFAULT 0",
+             TOKENS.replace("TABLE (", "TABLE (i int, "), "generate", {**MANY_GENERATION, "logprobs": "$8::text"}),
+    Function("complete", f"{ONE}, {SAMPLING}, seed bigint DEFAULT 0, {STOP_TOP_P}", "text", "text", ONE_GENERATION,
+             "completion"),
+    Function("complete", f"{MANY}, {SAMPLING}, seeds bigint[] DEFAULT NULL, {STOP_TOP_P}", "text[]", "texts",
+             MANY_GENERATION),
+    Function("next_tokens", "prompt text, top int DEFAULT 5, temperature float8 DEFAULT 1",
+             "TABLE (token int, text text, bytes bytea, prob float8)", "next",
+             {"prompts": "ARRAY[$1]", "tokens": "'1'", "temperature": "$3::text", "top_n": "$2::text"}),
+    Function("tokenize", "prompt text", "int[]", "ids", {"prompts": "ARRAY[$1]"}),
+    Function("inspect", "prompt text",
+             "TABLE (kind text, layer int, head int, pos int, token int, prob float8, weights real[])", "inspect",
+             {"prompts": "ARRAY[$1]", "tokens": "'1'", "task": "'inspect'"}),
+    Function("score", "text text", "TABLE (pos int, token int, text text, logprob float8)", "score",
+             {"prompts": "ARRAY[$1]", "task": "'score'"}, "pos, token, text, logprob"),
+    Function("perplexity", "text text", "float8", "perplexity", {"prompts": "ARRAY[$1]", "task": "'score'"},
+             "perplexity"),
+    Function("embed", "text text, layer int DEFAULT NULL", "vector", "embed",
+             {"prompts": "ARRAY[$1]", "task": "'embed'", "layer": "$2::text"}, "embedding"),
+    Function("classify", "text text, choices text[]", "TABLE (choice text, prob float8)", "classify",
+             {"prompts": "ARRAY[$1] || $2", "task": "'classify'"}, "text, prob"),
 ]
 
 
-def function_body(variant: str, arguments: str, columns: str | None = None) -> str:
+def function_body(f: Function) -> str:
     """The query variant with the function's arguments where the settings were, returning `columns` of its own."""
-    query = queries.query(variant)
-    body, n = SETTINGS_CTE.subn(
-        lambda _: f"settings(prompts, tokens, temperature, top_n, seed, seeds, inspect) AS (\n    SELECT {arguments}\n),",
-        query)
+    query = queries.query(f.variant)
+    unknown = set(f.settings) - set(SETTINGS)
+    if unknown:
+        raise RuntimeError(f"{f.name}: no setting {', '.join(sorted(unknown))}")
+    values = ", ".join(f.settings.get(column, f"NULL::{type_}") for column, type_ in SETTINGS.items())
+    body, n = SETTINGS_CTE.subn(lambda _: f"{SETTINGS_HEAD}\n    SELECT {values}\n),", query)
     if n != 1:
-        raise RuntimeError("sql/generate.sql lost its settings(prompts, tokens, temperature, top_n, seed, seeds, "
-                           "inspect) CTE")
-    if columns:
-        body = f"SELECT {columns} FROM (\n{body.rstrip().rstrip(';')}\n) query"
+        raise RuntimeError(f"sql/generate.sql lost its {SETTINGS_HEAD} CTE")
+    if f.columns:
+        body = f"SELECT {f.columns} FROM (\n{body.rstrip().rstrip(';')}\n) query"
     return body
 
 
 def create_functions(cur) -> None:
     """Create the functions in the schema being loaded (first on search_path), whose tables their bodies are
     checked against now; set_function_search_path pins them once the schema has its final name."""
-    for name, args, returns, variant, arguments, columns in FUNCTIONS:
+    for f in FUNCTIONS:
         cur.execute(sql.SQL("CREATE FUNCTION {}({}) RETURNS {} LANGUAGE sql VOLATILE AS {}").format(
-            sql.Identifier(name), sql.SQL(args), sql.SQL(returns),
-            sql.Literal(function_body(variant, arguments, columns))))
+            sql.Identifier(f.name), sql.SQL(f.args), sql.SQL(f.returns), sql.Literal(function_body(f))))
 
 
 def set_function_search_path(cur, schema: str) -> None:
     """Pin each function to its model (whatever the caller's search_path) and give it the settings a
     generation needs (work_mem for the KV cache); run again after the schema is renamed."""
     settings = {k: v for k, v in SESSION_SETTINGS.items() if k != "client_connection_check_interval"}
-    for name, args, *_ in FUNCTIONS:
-        signature = sql.SQL("{}.{}({})").format(sql.Identifier(schema), sql.Identifier(name),
-                                                sql.SQL(", ".join(a.split(" DEFAULT ")[0] for a in args.split(", "))))
+    for f in FUNCTIONS:
+        signature = sql.SQL("{}.{}({})").format(sql.Identifier(schema), sql.Identifier(f.name),
+                                                sql.SQL(", ".join(a.split(" DEFAULT ")[0] for a in f.args.split(", "))))
         cur.execute(sql.SQL("ALTER FUNCTION {} SET search_path = {}, public").format(signature, sql.Identifier(schema)))
         for key, value in settings.items():
             cur.execute(sql.SQL("ALTER FUNCTION {} SET {} = {}").format(signature, sql.Identifier(key),

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 import psycopg
 from psycopg import sql
 
-from .engine import Batch, GenerationError, NumpyEngine, Params, Token, check_text, generate_batch_sql
+from .engine import Batch, GenerationError, NumpyEngine, Token, check_text, generate_batch_sql
 from .models import read_vocabulary
 from .tokenizer import Tokenizer
 
@@ -43,8 +43,11 @@ class Completion:
 
     def json(self) -> str:
         data = b"".join(t.bytes for t in self.tokens)
-        return json.dumps({"i": self.i, "prompt": self.prompt, "tokens": [t.token for t in self.tokens],
-                           "text": data.decode("utf-8", errors="replace"), "seed": self.seed}, ensure_ascii=False)
+        out = {"i": self.i, "prompt": self.prompt, "tokens": [t.token for t in self.tokens],
+               "text": data.decode("utf-8", errors="replace"), "seed": self.seed}
+        if self.tokens and self.tokens[0].top is not None:
+            out["top_logprobs"] = [[{"token": k, "logprob": lp} for k, lp in t.top] for t in self.tokens]
+        return json.dumps(out, ensure_ascii=False)
 
 
 def read_items(lines: TextIO, name: str) -> list[Item]:
@@ -113,41 +116,48 @@ def shares(items: list[Item], jobs: int) -> list[list[Item]]:
     return [s for s in (items[j::jobs] for j in range(jobs)) if s]
 
 
-def completions_sql(conn: psycopg.Connection, model: str, items: list[Item], tokens: int, temperature: float,
-                    top_n: int, seed: int, timeout_s: float | None = None,
+def completions_sql(conn: psycopg.Connection, model: str, items: list[Item], options: Batch, seed: int,
+                    timeout_s: float | None = None,
                     on_token: Callable[[], None] = lambda: None) -> Iterator[Completion]:
-    """One batched query over the items; each completion as soon as its last token (or <|endoftext|>) arrives."""
+    """One batched query over the items with the options' parameters (its prompts and seeds aside); each completion
+    as soon as its last token (or <|endoftext|>) arrives, and those that ended at a stop string when the query ends."""
     eot = conn.execute(sql.SQL("SELECT eot FROM {}.hparams").format(sql.Identifier(model))).fetchone()[0]
     seeds = [item.seed if item.seed is not None else seed for item in items]
-    batch = Batch([item.prompt for item in items], tokens, temperature, top_n, seeds)
+    batch = replace(options, prompts=[item.prompt for item in items], seeds=seeds)
     got: dict[int, list[Token]] = {}
+
+    def completion(k: int) -> Completion:
+        item = items[k - 1]
+        return Completion(item.i, item.prompt, seeds[k - 1], got.pop(k))
+
     for k, t in generate_batch_sql(conn, model, batch, timeout_s):
         got.setdefault(k, []).append(t)
         on_token()
-        if t.step == tokens or t.token == eot:
-            item = items[k - 1]
-            yield Completion(item.i, item.prompt, seeds[k - 1], got.pop(k))
+        if t.step == options.tokens or t.token == eot:
+            yield completion(k)
+    for k in sorted(got):
+        yield completion(k)
 
 
-def completions_numpy(engine: NumpyEngine, items: list[Item], tokens: int, temperature: float, top_n: int,
-                      seed: int, on_token: Callable[[], None] = lambda: None) -> Iterator[Completion]:
+def completions_numpy(engine: NumpyEngine, items: list[Item], options: Batch, seed: int,
+                      on_token: Callable[[], None] = lambda: None) -> Iterator[Completion]:
     """The same, one prompt after another in the NumPy reference."""
     for item in items:
         s = item.seed if item.seed is not None else seed
         out = []
-        for t in engine.generate(Params(item.prompt, tokens, temperature, top_n, s)):
+        for t in engine.generate(replace(options, prompts=[item.prompt], seeds=[s]).params(1)):
             out.append(t)
             on_token()
         yield Completion(item.i, item.prompt, s, out)
 
 
-def run_jobs(connect: Callable[[], psycopg.Connection], model: str, items: list[Item], jobs: int, tokens: int, temperature: float,
-             top_n: int, seed: int, timeout_s: float | None = None,
+def run_jobs(connect: Callable[[], psycopg.Connection], model: str, items: list[Item], jobs: int, options: Batch,
+             seed: int, timeout_s: float | None = None,
              on_token: Callable[[], None] = lambda: None) -> Iterator[Completion]:
     """The items over `jobs` connections at once (made by `connect()`), completions as they end. An error in one
     job cancels the others' queries and is raised here."""
     if jobs == 1:
-        yield from completions_sql(connect(), model, items, tokens, temperature, top_n, seed, timeout_s, on_token)
+        yield from completions_sql(connect(), model, items, options, seed, timeout_s, on_token)
         return
     done: queue.Queue = queue.Queue()
     conns: list[psycopg.Connection] = []
@@ -158,7 +168,7 @@ def run_jobs(connect: Callable[[], psycopg.Connection], model: str, items: list[
             conn = connect()
             with lock:
                 conns.append(conn)
-            for c in completions_sql(conn, model, share, tokens, temperature, top_n, seed, timeout_s, on_token):
+            for c in completions_sql(conn, model, share, options, seed, timeout_s, on_token):
                 done.put(c)
             done.put(None)
         except BaseException as e:  # raised by the reader below, not lost in the thread

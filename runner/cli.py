@@ -25,8 +25,8 @@ from .progress import waiting
 from .grant import GrantError, grant
 from . import inspect_view
 from .batch import BatchFileError, check_lengths, completions_numpy, open_items, run_jobs
-from .engine import (GenerationError, NumpyEngine, Params, check_text, generate_sql, inspect_sql, next_sql,
-                     tokenize_sql)
+from .engine import (Batch, GenerationError, NumpyEngine, Params, check_text, classify_sql, embed_sql,
+                     generate_sql, inspect_sql, next_sql, score_sql, tokenize_sql)
 from .models import ModelError, list_models, read_model, resolve_model
 from ..loader.checkpoint import (DTYPES, CheckpointError, as_dtype, check_room, open_checkpoint, read_checkpoint,
                                  read_hparams)
@@ -58,6 +58,38 @@ def temperature(s: str) -> float:
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
     return v
+
+
+def top_p(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+    return v
+
+
+def stop_text(s: str) -> str:
+    if not s:
+        raise argparse.ArgumentTypeError("a stop string must not be empty")
+    return prompt_text(s)
+
+
+def choice_text(s: str) -> str:
+    if not s:
+        raise argparse.ArgumentTypeError("a choice must not be empty")
+    return prompt_text(s)
 
 
 def timeout_seconds(s: str) -> float:
@@ -100,7 +132,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     seed = a.seed if a.seed is not None else random.randrange(2**31)
     if a.batch is not None:
         return _run_batch(a, seed)
-    p = Params(a.prompt, a.tokens, a.temperature, a.top_n, seed)
+    p = Params(a.prompt, a.tokens, a.temperature, a.top_n, seed, a.top_p, tuple(a.stop or ()), a.logprobs)
     if a.engine == "numpy":
         engine = NumpyEngine(_numpy_checkpoint(a))
         stream = engine.generate(p)
@@ -117,8 +149,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         data = b"".join(t.bytes for t in tokens)
         prompt_ids = (engine.encode(a.prompt) if a.engine == "numpy"
                       else _sql_prompt_ids(conn, model, a.prompt, a.timeout))
-        print(json.dumps({"prompt_tokens": prompt_ids, "tokens": [t.token for t in tokens],
-                          "text": data.decode("utf-8", errors="replace"), "seed": seed}, ensure_ascii=False))
+        out = {"prompt_tokens": prompt_ids, "tokens": [t.token for t in tokens],
+               "text": data.decode("utf-8", errors="replace"), "seed": seed}
+        if a.logprobs:
+            out["top_logprobs"] = [[{"token": k, "logprob": lp} for k, lp in t.top] for t in tokens]
+        print(json.dumps(out, ensure_ascii=False))
         return 0
     out = sys.stdout
     out.write(a.prompt)
@@ -149,20 +184,21 @@ def _run_batch(a: argparse.Namespace, seed: int) -> int:
     from tqdm import tqdm
 
     items = open_items(a.batch, sys.stdin)
+    options = Batch([], a.tokens, a.temperature, a.top_n, None, a.top_p, tuple(a.stop or ()), a.logprobs)
     bar = tqdm(total=len(items) * a.tokens, unit="token", file=sys.stderr, disable=not sys.stderr.isatty(),
                desc=f"{len(items)} prompts", dynamic_ncols=True)
     if a.engine == "numpy":
-        stream = completions_numpy(NumpyEngine(_numpy_checkpoint(a)), items, a.tokens, a.temperature, a.top_n,
-                                   seed, on_token=lambda: bar.update())
+        stream = completions_numpy(NumpyEngine(_numpy_checkpoint(a)), items, options, seed,
+                                   on_token=lambda: bar.update())
     else:
         conn, model = _run_model(a)
         if a.jobs > 1:  # one job's query must not start generating before another's finds a prompt too long
             check_lengths(conn, model, items, a.tokens)
-        stream = run_jobs(lambda: connect(a.dsn) if a.jobs > 1 else conn, model, items, a.jobs, a.tokens,
-                          a.temperature, a.top_n, seed, timeout_s=a.timeout, on_token=lambda: bar.update())
+        stream = run_jobs(lambda: connect(a.dsn) if a.jobs > 1 else conn, model, items, a.jobs, options, seed,
+                          timeout_s=a.timeout, on_token=lambda: bar.update())
     try:
         for c in stream:
-            bar.update(a.tokens - len(c.tokens))  # ended early, at <|endoftext|>
+            bar.update(a.tokens - len(c.tokens))  # ended early, at <|endoftext|> or a stop string
             bar.write(c.json(), file=sys.stdout)
             sys.stdout.flush()
     finally:
@@ -185,6 +221,63 @@ def _numpy_checkpoint(a: argparse.Namespace):
     model = resolve_model(conn, a.model)
     with conn.transaction():  # one version: the first read locks its hparams, so a reload waits for the rest
         return read_model(conn, model)
+
+
+def _model_or_engine(a: argparse.Namespace) -> tuple[NumpyEngine | None, psycopg.Connection | None, str | None]:
+    """What score, embed and classify compute with: the NumPy reference, or a connection and its model."""
+    if a.engine == "numpy":
+        return NumpyEngine(_numpy_checkpoint(a)), None, None
+    conn = connect(a.dsn)
+    return None, conn, resolve_model(conn, a.model)
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    engine, conn, model = _model_or_engine(a)
+    with waiting("scoring", enabled=sys.stderr.isatty() and not a.json):
+        scores = engine.score(a.text) if engine else score_sql(conn, model, a.text, timeout_s=a.timeout)
+    perplexity = math.exp(-sum(lp for _, lp in scores) / len(scores)) if scores else None
+    if a.json:
+        print(json.dumps({"tokens": [t for t, _ in scores], "logprobs": [lp for _, lp in scores],
+                          "perplexity": perplexity}))
+        return 0
+    texts = _token_texts(engine, conn, model, [t for t, _ in scores])
+    for token, logprob in scores:
+        print(f"{logprob:10.4f}  {token:>6}  {texts[token]!r}")
+    print(f"perplexity {perplexity:.4f}" if perplexity is not None else "perplexity: no tokens")
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    engine, conn, model = _model_or_engine(a)
+    if engine:
+        v = engine.embed(a.text, a.layer)
+    else:
+        v = embed_sql(conn, model, a.text, a.layer, timeout_s=a.timeout)
+    print(json.dumps([float(x) for x in v]))
+    return 0
+
+
+def cmd_classify(a: argparse.Namespace) -> int:
+    engine, conn, model = _model_or_engine(a)
+    probs = engine.classify(a.text, a.choices) if engine else classify_sql(conn, model, a.text, a.choices,
+                                                                            timeout_s=a.timeout)
+    if a.json:
+        print(json.dumps(dict(probs), ensure_ascii=False))
+        return 0
+    for choice, prob in sorted(probs, key=lambda c: -c[1]):
+        print(f"{prob:8.4f}  {choice}")
+    return 0
+
+
+def _token_texts(engine: NumpyEngine | None, conn: psycopg.Connection | None, model: str | None,
+                 ids: list[int]) -> dict[int, str]:
+    """Each token's text (U+FFFD for a character cut between tokens), from the tokenizer or the model's tokens."""
+    if engine:
+        found = {t: engine.tokenizer.token_bytes(t) for t in ids}
+    else:
+        found = dict(conn.execute(sql.SQL("SELECT id, bytes FROM {}.tokens WHERE id = ANY(%s)").format(
+            sql.Identifier(model)), [sorted(set(ids))]).fetchall())
+    return {t: bytes(b).decode("utf-8", errors="replace") for t, b in found.items()}
 
 
 def cmd_next(a: argparse.Namespace) -> int:
@@ -389,12 +482,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=positive_int, default=10, help="new tokens (default 10)")
     p.add_argument("--temperature", type=temperature, default=1.0, help="softmax temperature (default 1)")
     p.add_argument("--top-n", type=positive_int, default=5, help="sample among the n most likely tokens; 1 = greedy (default 5)")
+    p.add_argument("--top-p", type=top_p, default=1.0,
+                   help="of the top-n, sample among the fewest whose probability reaches this (nucleus; default 1)")
+    p.add_argument("--stop", action="append", type=stop_text, metavar="TEXT",
+                   help="end where the completion contains TEXT, leaving TEXT out (repeat for several)")
+    p.add_argument("--logprobs", type=non_negative_int, default=0, metavar="K",
+                   help="with --json or --batch: each token's K likeliest alternatives and their log-probabilities")
     p.add_argument("--seed", type=seed_int, help="seed of the draws (default: random, shown with --json; with "
                                                 "--batch, each prompt's unless its line gives one)")
     p.add_argument("--model", help="model (schema) name; default: the loaded model")
     p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
     p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
     p.add_argument("--json", action="store_true", help="print one JSON object: prompt_tokens, tokens, text, seed")
+    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+
+    p = add("score", cmd_score, "each token's log-probability given the text before it (the first given "
+                                 "<|endoftext|>), and the text's perplexity, computed in SQL")
+    p.add_argument("text", type=prompt_text)
+    p.add_argument("--model", help="model (schema) name; default: the loaded model")
+    p.add_argument("--json", action="store_true", help="print one JSON object: tokens, logprobs, perplexity")
+    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
+    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
+    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+
+    p = add("embed", cmd_embed, "the text's embedding: its residual stream after the last block and ln_f (or after "
+                                 "--layer), averaged over its positions, computed in SQL; printed as a JSON array")
+    p.add_argument("text", type=prompt_text)
+    p.add_argument("--layer", type=int, help="after this block (0 = the first) instead of after the last and ln_f")
+    p.add_argument("--model", help="model (schema) name; default: the loaded model")
+    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
+    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
+    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+
+    p = add("classify", cmd_classify, "the probability of each choice following the text (the product of its tokens' "
+                                       "probabilities, normalised over the choices), computed in SQL")
+    p.add_argument("text", type=prompt_text)
+    p.add_argument("--choices", nargs="+", required=True, type=choice_text, metavar="CHOICE")
+    p.add_argument("--model", help="model (schema) name; default: the loaded model")
+    p.add_argument("--json", action="store_true", help="print one JSON object: choice -> probability")
+    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
+    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
     p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
 
     p = add("next", cmd_next, "the most likely next tokens and their probabilities, computed in SQL")
@@ -424,10 +551,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
 
     p = add("sql", cmd_sql, "print the query, for psql", db=False)
-    p.add_argument("variant", nargs="?", default="generate", choices=("generate", "text", "next", "inspect", "tokenize"),
+    p.add_argument("variant", nargs="?", default="generate",
+                   choices=("generate", "text", "next", "inspect", "score", "perplexity", "embed", "classify",
+                            "tokenize"),
                    help="generate: a row per token (default); text: the completion as one value; "
-                        "next: next-token candidates; inspect: attention weights and logit lens (SET gpt.inspect "
-                        "= on and gpt.tokens = 1 first); tokenize: the prompt's tokens")
+                        "next: next-token candidates; inspect: attention weights and logit lens (SET gpt.task = "
+                        "inspect and gpt.tokens = 1 first); score, perplexity: each token's log-probability, the "
+                        "text's perplexity (SET gpt.task = score); embed: the text's embedding (SET gpt.task = "
+                        "embed); classify: the choices' probabilities after the text (SET gpt.task = classify, "
+                        "gpt.prompts = the text, then the choices); tokenize: the prompt's tokens")
 
     p = add("models", cmd_models, "list loaded models")
     p.add_argument("--json", action="store_true")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -13,7 +14,7 @@ from psycopg import sql
 
 from . import queries
 from .db import SESSION_SETTINGS
-from .reference import Model
+from .reference import Model, stop_at
 from .tokenizer import Tokenizer, pretokenize
 from ..loader.checkpoint import Checkpoint
 
@@ -25,10 +26,18 @@ class Params:
     temperature: float = 1.0
     top_n: int = 5
     seed: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
 
-    def settings(self) -> dict[str, str]:
+    def settings(self) -> dict[str, str | list]:
         return {"gpt.prompt": self.prompt, "gpt.tokens": str(self.tokens), "gpt.temperature": repr(self.temperature),
-                "gpt.top_n": str(self.top_n), "gpt.seed": str(self.seed)}
+                "gpt.top_n": str(self.top_n), "gpt.seed": str(self.seed), **options(self)}
+
+
+def options(p: "Params | Batch") -> dict[str, str | list]:
+    """The settings of the generation options a Params and a Batch share: top_p, stop strings, logprobs."""
+    return {"gpt.top_p": repr(p.top_p), "gpt.stop": list(p.stop), "gpt.logprobs": str(p.logprobs)}
 
 
 @dataclass(frozen=True)
@@ -39,17 +48,22 @@ class Batch:
     temperature: float = 1.0
     top_n: int = 5
     seeds: list[int] | None = None
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    logprobs: int = 0
 
     def settings(self) -> dict[str, str | list]:
-        """As settings: the prompts and seeds as lists, which prepare() binds as arrays."""
+        """As settings: the prompts, seeds and stop strings as lists, which prepare() binds as arrays."""
         seeds = self.seeds if self.seeds is not None else [0] * len(self.prompts)
         return {"gpt.prompts": list(self.prompts), "gpt.tokens": str(self.tokens),
-                "gpt.temperature": repr(self.temperature), "gpt.top_n": str(self.top_n), "gpt.seeds": list(seeds)}
+                "gpt.temperature": repr(self.temperature), "gpt.top_n": str(self.top_n), "gpt.seeds": list(seeds),
+                **options(self)}
 
     def params(self, i: int) -> Params:
         """The single-prompt parameters of prompt i (from 1): what it gets alone."""
         seed = self.seeds[i - 1] if self.seeds is not None else 0
-        return Params(self.prompts[i - 1], self.tokens, self.temperature, self.top_n, seed)
+        return Params(self.prompts[i - 1], self.tokens, self.temperature, self.top_n, seed, self.top_p, self.stop,
+                      self.logprobs)
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,11 @@ class Token:
     token: int
     bytes: bytes
     prob: float
+    top: tuple[tuple[int, float], ...] | None = None  # with logprobs: the likeliest tokens and their log-probabilities
+
+
+def _top(alternatives: list[dict] | None) -> tuple[tuple[int, float], ...] | None:
+    return None if alternatives is None else tuple((a["token"], a["logprob"]) for a in alternatives)
 
 
 class GenerationError(Exception):
@@ -161,8 +180,8 @@ def _timed_out(timeout_s: float) -> str:
 
 def generate_sql(conn: psycopg.Connection, model: str, p: Params, timeout_s: float | None = None) -> Iterator[Token]:
     check_fits(conn, model, [p.prompt], p.tokens)
-    for _, step, token, _, data, prob in _rows(conn, model, "generate", p.settings(), timeout_s):
-        yield Token(step, token, bytes(data), prob)
+    for _, step, token, _, data, prob, top in _rows(conn, model, "generate", p.settings(), timeout_s):
+        yield Token(step, token, bytes(data), prob, _top(top))
 
 
 def generate_batch_sql(conn: psycopg.Connection, model: str, b: Batch,
@@ -174,8 +193,35 @@ def generate_batch_sql(conn: psycopg.Connection, model: str, b: Batch,
     if b.seeds is not None and len(b.seeds) != len(b.prompts):
         raise GenerationError(f"{len(b.seeds)} seeds for {len(b.prompts)} prompts: give one seed per prompt")
     check_fits(conn, model, b.prompts, b.tokens)
-    for i, step, token, _, data, prob in _rows(conn, model, "generate", b.settings(), timeout_s):
-        yield i, Token(step, token, bytes(data), prob)
+    for i, step, token, _, data, prob, top in _rows(conn, model, "generate", b.settings(), timeout_s):
+        yield i, Token(step, token, bytes(data), prob, _top(top))
+
+
+def score_sql(conn: psycopg.Connection, model: str, text: str,
+              timeout_s: float | None = None) -> list[tuple[int, float]]:
+    """Each token of the text and its log-probability given the tokens before it (the first given <|endoftext|>)."""
+    check_fits(conn, model, [text], 0)
+    settings = {"gpt.prompt": text, "gpt.task": "score"}
+    return [(token, logprob) for _, _, token, _, logprob in _rows(conn, model, "score", settings, timeout_s,
+                                                                   stream=False)]
+
+
+def embed_sql(conn: psycopg.Connection, model: str, text: str, layer: int | None = None,
+              timeout_s: float | None = None) -> np.ndarray:
+    """The text's mean residual stream after the last block and ln_f (after block `layer`, if given)."""
+    check_fits(conn, model, [text], 0)
+    settings = {"gpt.prompt": text, "gpt.task": "embed", "gpt.layer": "" if layer is None else str(layer)}
+    (_, v), = _rows(conn, model, "embed", settings, timeout_s, stream=False)
+    # a pgvector Vector where the connection registered the type, else its text form '[1,2,...]'
+    return v.to_numpy() if hasattr(v, "to_numpy") else np.array(json.loads(v), dtype=np.float32)
+
+
+def classify_sql(conn: psycopg.Connection, model: str, text: str, choices: list[str],
+                 timeout_s: float | None = None) -> list[tuple[str, float]]:
+    """Each choice and its probability after the text (normalised over the choices)."""
+    check_fits(conn, model, [text, *choices], 0)
+    settings = {"gpt.prompts": [text, *choices], "gpt.task": "classify"}
+    return [(choice, prob) for _, choice, prob in _rows(conn, model, "classify", settings, timeout_s, stream=False)]
 
 
 def next_sql(conn: psycopg.Connection, model: str, prompt: str, top: int, temperature: float,
@@ -233,6 +279,13 @@ class NumpyEngine:
             raise GenerationError(f"gpt.temperature must be a positive number, got {p.temperature}")
         if not 1 <= p.top_n <= hp["n_vocab"]:
             raise GenerationError(f"gpt.top_n must be between 1 and {hp['n_vocab']} (the vocabulary), got {p.top_n}")
+        if not 0 < p.top_p <= 1:
+            raise GenerationError(f"gpt.top_p must be in (0, 1], got {p.top_p}")
+        if not 0 <= p.logprobs <= hp["n_vocab"]:
+            raise GenerationError(f"gpt.logprobs must be between 0 and {hp['n_vocab']} (the vocabulary), got "
+                                  f"{p.logprobs}")
+        if any(s == "" for s in p.stop):
+            raise GenerationError(f"stop string {[s == '' for s in p.stop].index(True) + 1} is empty")
         if n_prompt + p.tokens > hp["n_ctx"]:
             raise GenerationError(f"the prompt is {n_prompt} tokens and {p.tokens} new tokens were asked for: "
                                   f"together at most n_ctx = {hp['n_ctx']} fit")
@@ -243,7 +296,53 @@ class NumpyEngine:
         return self.model.inspect(ids)
 
     def generate(self, p: Params) -> Iterator[Token]:
+        """As the query: with stop strings, a generation ends at the token after which its text contains one, and
+        its tokens end where the first one starts (the token it starts in cut there)."""
         ids = self.encode(p.prompt)
         self.check(p, len(ids))
-        for s in self.model.generate(ids, p.tokens, p.temperature, p.top_n, p.seed, eot=self.eot):
-            yield Token(s.step, s.token, self.tokenizer.token_bytes(s.token), s.prob)
+        stops = [s.encode("utf-8") for s in p.stop]
+        tokens, text = [], b""
+        for s in self.model.generate(ids, p.tokens, p.temperature, p.top_n, p.seed, self.eot, p.top_p, p.logprobs):
+            data = self.tokenizer.token_bytes(s.token)
+            token = Token(s.step, s.token, data, s.prob, None if s.top is None else tuple(s.top))
+            if not stops:
+                yield token
+                continue
+            tokens.append(token)
+            text += data
+            if stop_at(text, stops) is not None:
+                break
+        cut, start = stop_at(text, stops), 0
+        for t in tokens:
+            if cut is not None and start >= cut:
+                return
+            yield t if cut is None or start + len(t.bytes) <= cut else replace(t, bytes=t.bytes[:cut - start])
+            start += len(t.bytes)
+
+    def score(self, text: str) -> list[tuple[int, float]]:
+        ids = self.tokenizer.encode(text)
+        self._fits(len(ids) + 1, f"the text is {len(ids) + 1} tokens after <|endoftext|>")
+        return list(zip(ids, self.model.score(ids, self.eot)))
+
+    def embed(self, text: str, layer: int | None = None) -> np.ndarray:
+        n_layer = self.ckpt.hparams["n_layer"]
+        if layer is not None and not 0 <= layer < n_layer:
+            raise GenerationError(f"gpt.layer must be between 0 and {n_layer - 1} (the blocks), got {layer}")
+        ids = self.encode(text)
+        self._fits(len(ids), f"the text is {len(ids)} tokens")
+        return self.model.embed(ids, layer)
+
+    def classify(self, text: str, choices: list[str]) -> list[tuple[str, float]]:
+        if not choices:
+            raise GenerationError("no choices: give at least one")
+        if "" in choices:
+            raise GenerationError(f"choice {choices.index('') + 1} is empty")
+        ids, chosen = self.tokenizer.encode(text), [self.tokenizer.encode(c) for c in choices]
+        for k, c in enumerate(chosen, 1):
+            self._fits(len(ids) + 1 + len(c), f"the text with choice {k} is {len(ids) + 1 + len(c)} tokens after "
+                                               f"<|endoftext|>")
+        return list(zip(choices, map(float, self.model.classify(ids, chosen, self.eot))))
+
+    def _fits(self, n: int, what: str) -> None:
+        if n > self.ckpt.hparams["n_ctx"]:
+            raise GenerationError(f"{what}: at most n_ctx = {self.ckpt.hparams['n_ctx']} fit")

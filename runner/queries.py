@@ -13,21 +13,17 @@ TAIL_MARKER = "-- decode:"
 
 TAILS = {
     "text": """-- complete: each prompt's completion as one text value (a character cut short becomes U+FFFD)
-SELECT g.i, decode_utf8(coalesce(string_agg((SELECT t.bytes FROM tokens t WHERE t.id = g.token), ''::bytea
-                                            ORDER BY g.step), ''::bytea)) AS completion
-FROM generate g
-WHERE g.kind = 'token' AND g.step > 0
-GROUP BY g.i
-ORDER BY g.i;
+SELECT o.i, decode_utf8(coalesce(string_agg(o.bytes, ''::bytea ORDER BY o.step), ''::bytea)) AS completion
+FROM output o
+GROUP BY o.i
+ORDER BY o.i;
 """,
     # every prompt's completion in one text[], in the prompts' order (the batch complete() SQL function)
     "texts": """-- completions: the prompts' completions as one text[], in the prompts' order
 SELECT array_agg(c.completion ORDER BY c.i)
-FROM (SELECT g.i, decode_utf8(coalesce(string_agg((SELECT t.bytes FROM tokens t WHERE t.id = g.token), ''::bytea
-                                                  ORDER BY g.step), ''::bytea)) AS completion
-      FROM generate g
-      WHERE g.kind = 'token' AND g.step > 0
-      GROUP BY g.i) c;
+FROM (SELECT o.i, decode_utf8(coalesce(string_agg(o.bytes, ''::bytea ORDER BY o.step), ''::bytea)) AS completion
+      FROM output o
+      GROUP BY o.i) c;
 """,
     # the top_n candidates for the first new token, most likely first
     "next": """-- next: the top_n candidates for the next token with their probabilities (softmax of logits / temperature)
@@ -36,8 +32,8 @@ FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.to
 WHERE g.kind = 'candidate' AND g.step = 1
 ORDER BY g.prob DESC, g.token;
 """,
-    # what the model computed for the prompt (gpt.inspect on, gpt.tokens 1): `gpt-sql inspect`
-    "inspect": """-- inspect: with gpt.inspect on, what the model saw in the prompt. Rows by kind:
+    # what the model computed for the prompt (gpt.task inspect, gpt.tokens 1): `gpt-sql inspect`
+    "inspect": """-- inspect: with gpt.task = inspect (or gpt.inspect = on), what the model saw in the prompt. Rows by kind:
 --   'token'     (pos, token)                  the prompt's tokens
 --   'attention' (layer, head, pos, weights)   a head's attention weights at query position pos over positions
 --                                             0 .. n - 1 (0 where the causal mask hides a key)
@@ -48,16 +44,18 @@ SELECT 'token' AS kind, NULL::int AS layer, NULL::int AS head, g.pos, g.token, N
        NULL::real[] AS weights
 FROM generate g, params p
 WHERE g.kind = 'token' AND g.step = 0
-  AND CASE WHEN NOT p.inspect
-           THEN raise_error('SET gpt.inspect = on first: the inspect query reads the values it keeps') ELSE 0 END = 0
+  AND CASE WHEN p.task <> 'inspect'
+           THEN raise_error('SET gpt.inspect = on (or gpt.task = inspect) first: the inspect query reads the values it '
+                            'keeps') ELSE 0 END = 0
 UNION ALL
 SELECT 'attention', g.layer, g.head, w.pos::int - 1, NULL, NULL, w.weights::real[]
 FROM generate g, unnest(g.vs) WITH ORDINALITY AS w(weights, pos)
 WHERE g.kind = 'attention' AND g.step = 1
 UNION ALL
 -- per block: ln_f at every position, then the logits as a matrix logits[id][position] from one ordered scan of
--- wte (the linears' form; ids are 0 .. n_vocab - 1, so a token's id is its index - 1), then per position the
--- first of the largest logits and its probability, one over the sum of exp(logit - largest)
+-- wte (a product per position for each row while it is at hand; ids are 0 .. n_vocab - 1, so a token's id is its
+-- index - 1), then per position the first of the largest logits and its probability, one over the sum of
+-- exp(logit - largest)
 SELECT 'lens', x.layer - 1, NULL, l.pos - 1, l.token, l.prob, NULL
 FROM generate x,
      LATERAL (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(unnest(h.hs), w.w)::real) FROM wte w ORDER BY w.id) AS logits
@@ -70,6 +68,49 @@ FROM generate x,
                           FROM generate_series(1, cardinality(x.vs)) AS j OFFSET 0) c OFFSET 0) c) l
 WHERE x.kind = 'x' AND x.step = 1
 ORDER BY kind DESC, layer, head, pos;
+""",
+    # each text's tokens and their log-probabilities (gpt.task score): the score() SQL function
+    "score": """-- score: with gpt.task = score, each text's tokens (pos from 0) and each one's log-probability given the tokens
+-- before it (the first given <|endoftext|>)
+SELECT g.i, g.pos - 1 AS pos, g.token, decode_utf8(t.bytes) AS text, g.prob AS logprob
+FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t, params p
+WHERE g.kind = 'score'
+  AND CASE WHEN p.task <> 'score' THEN raise_error('SET gpt.task = score first: the score query reads what it keeps')
+           ELSE 0 END = 0
+ORDER BY g.i, g.pos;
+""",
+    # each text's perplexity, exp of its tokens' mean negative log-probability (gpt.task score)
+    "perplexity": """-- perplexity: with gpt.task = score, each text's perplexity: exp of the mean of its tokens' negative
+-- log-probabilities (none for an empty text)
+SELECT g.i, exp(-avg(g.prob)) AS perplexity
+FROM generate g, params p
+WHERE g.kind = 'score'
+  AND CASE WHEN p.task <> 'score' THEN raise_error('SET gpt.task = score first: the perplexity query reads what it keeps')
+           ELSE 0 END = 0
+GROUP BY g.i
+ORDER BY g.i;
+""",
+    # each text's mean residual stream (gpt.task embed): the embed() SQL function
+    "embed": """-- embed: with gpt.task = embed, each text's embedding: its residual stream after the last block and ln_f
+-- (after block gpt.layer, if set), averaged over its positions
+SELECT g.i, g.vs[1] AS embedding
+FROM generate g, params p
+WHERE g.kind = 'embedding'
+  AND CASE WHEN p.task <> 'embed' THEN raise_error('SET gpt.task = embed first: the embed query reads what it keeps')
+           ELSE 0 END = 0
+ORDER BY g.i;
+""",
+    # the choices' probabilities after the text (gpt.task classify, prompts: the text, then the choices)
+    "classify": """-- classify: with gpt.task = classify (gpt.prompts: the text, then the choices), each choice and its probability
+-- after the text: the product of its tokens' probabilities, normalised over the choices (a softmax of their summed
+-- log-probabilities)
+SELECT c.i - 1 AS choice, p.prompts[c.i] AS text, exp(c.logprob - c.max) / sum(exp(c.logprob - c.max)) OVER () AS prob
+FROM (SELECT c.*, max(c.logprob) OVER () AS max
+      FROM (SELECT g.i, sum(g.prob ORDER BY g.pos) AS logprob FROM generate g WHERE g.kind = 'score' GROUP BY g.i) c) c,
+     params p
+WHERE CASE WHEN p.task <> 'classify'
+           THEN raise_error('SET gpt.task = classify first: the classify query reads what it keeps') ELSE 0 END = 0
+ORDER BY c.i;
 """,
     # the prompt's token ids as one array (the tokenize() SQL function)
     "ids": """-- ids: the prompt's token ids as one array
@@ -90,7 +131,8 @@ def generate_sql() -> str:
 
 
 def query(kind: str = "generate") -> str:
-    """`generate` (one row per new token), `text`, `texts`, `next`, `inspect`, `tokenize` or `ids`."""
+    """`generate` (one row per new token), `text`, `texts`, `next`, `inspect`, `score`, `perplexity`, `embed`,
+    `classify`, `tokenize` or `ids`."""
     base = generate_sql()
     if kind == "generate":
         return base

@@ -112,15 +112,51 @@ def uniform(seed: int, step: int) -> float:
     return int(hashlib.md5(f"{seed}:{step}".encode()).hexdigest()[:13], 16) / 2.0**52
 
 
-def sample(logits: np.ndarray, temperature: float, top_n: int, u: float) -> tuple[int, float]:
-    """Top-n candidates by logit (ties: lower id first), softmax(logit / temperature) over them, then the first
-    candidate whose cumulative probability exceeds u. Returns (token, its probability softmax(logits /
-    temperature) over the whole vocabulary)."""
+def top(scaled: np.ndarray, n: int) -> np.ndarray:
+    """The n largest (ties: lower id first), largest first."""
+    return np.lexsort((np.arange(len(scaled)), -scaled))[:n]
+
+
+def nucleus(e: np.ndarray, top_p: float) -> int:
+    """How many of the candidates (exp(logit - max), most likely first) nucleus sampling keeps: the fewest whose
+    share of the candidates' probability reaches top_p (all of them at top_p = 1)."""
+    if top_p >= 1:
+        return len(e)
+    return min(len(e), int(np.searchsorted(np.cumsum(e) / e.sum(), top_p, side="left")) + 1)
+
+
+def sample(logits: np.ndarray, temperature: float, top_n: int, u: float, top_p: float = 1.0) -> tuple[int, float]:
+    """Top-n candidates by logit (ties: lower id first), of them the nucleus of top_p, softmax(logit / temperature)
+    over those, then the first candidate whose cumulative probability exceeds u. Returns (token, its probability
+    softmax(logits / temperature) over the whole vocabulary)."""
     scaled = logits.astype(np.float64) / temperature
-    order = np.lexsort((np.arange(len(scaled)), -scaled))[:top_n]
-    i = int(np.searchsorted(np.cumsum(softmax(scaled[order])), u, side="right"))
-    token = int(order[min(i, len(order) - 1)])
+    order = top(scaled, top_n)
+    e = np.exp(scaled[order] - scaled[order[0]])
+    kept = nucleus(e, top_p)
+    i = int(np.searchsorted(np.cumsum(e[:kept]) / e[:kept].sum(), u, side="right"))
+    token = int(order[min(i, kept - 1)])
     return token, float(softmax(scaled)[token])
+
+
+def top_logprobs(logits: np.ndarray, temperature: float, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens and their log-probabilities (log softmax(logits / temperature)), most likely
+    first."""
+    scaled = logits.astype(np.float64) / temperature
+    log_z = scaled.max() + math.log(np.exp(scaled - scaled.max()).sum())
+    return [(int(t), float(scaled[t] - log_z)) for t in top(scaled, k)]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax (temperature 1) in float64, shifted by the largest logit."""
+    scaled = logits.astype(np.float64)
+    shifted = scaled - scaled.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def stop_at(text: bytes, stops: list[bytes]) -> int | None:
+    """Where text first contains one of the stop strings (the earliest start), or None."""
+    found = [text.find(s) for s in stops if s in text]
+    return min(found) if found else None
 
 
 @dataclass
@@ -129,6 +165,7 @@ class Step:
     token: int
     prob: float
     logits: np.ndarray
+    top: list[tuple[int, float]] | None = None  # with logprobs: the likeliest tokens and their log-probabilities
 
 
 class Model:
@@ -156,14 +193,33 @@ class Model:
                 "lens_tokens": np.array([t for t, _ in lens]), "lens_probs": np.array([p for _, p in lens])}
 
     def generate(self, prompt: list[int], n_tokens: int, temperature: float = 1.0, top_n: int = 5,
-                 seed: int = 0, eot: int | None = None) -> Iterator[Step]:
+                 seed: int = 0, eot: int | None = None, top_p: float = 1.0, logprobs: int = 0) -> Iterator[Step]:
         """Prefill the prompt in one pass, then one position per step from the KV cache."""
         cache = self.new_cache()
         inputs = list(prompt)
         for step in range(1, n_tokens + 1):
             last = self.logits(inputs, cache)[-1]
-            token, prob = sample(last, temperature, top_n, uniform(seed, step))
-            yield Step(step, token, prob, last)
+            token, prob = sample(last, temperature, top_n, uniform(seed, step), top_p)
+            yield Step(step, token, prob, last, top_logprobs(last, temperature, logprobs) if logprobs else None)
             if token == eot:
                 return
             inputs = [token]
+
+    def score(self, ids: list[int], bos: int) -> list[float]:
+        """Each token's log-probability given the tokens before it, the first given bos (<|endoftext|>)."""
+        logits = self.logits([bos] + list(ids), self.new_cache())
+        return [float(log_softmax(logits[p])[t]) for p, t in enumerate(ids)]
+
+    def embed(self, ids: list[int], layer: int | None = None) -> np.ndarray:
+        """The residual stream after block `layer` (after the last block and ln_f when None), averaged over the
+        positions (in float64, as pgvector's avg sums)."""
+        cache = self.new_cache()
+        self.logits(ids, cache)
+        x = layer_norm(cache[-1]["x"], **self.p["ln_f"]) if layer is None else cache[layer]["x"]
+        return x.astype(np.float64).mean(axis=0).astype(np.float32)
+
+    def classify(self, ids: list[int], choices: list[list[int]], bos: int) -> np.ndarray:
+        """Each choice's probability after the text: the product of its tokens' probabilities, normalised over the
+        choices (a softmax of their summed log-probabilities)."""
+        sums = np.array([sum(self.score(list(ids) + list(c), bos)[len(ids):]) for c in choices])
+        return np.exp(sums - sums.max()) / np.exp(sums - sums.max()).sum()

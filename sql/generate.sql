@@ -6,23 +6,31 @@
 --   SET gpt.tokens = 10;                 -- new tokens per prompt (each stops early at <|endoftext|>)
 --   SET gpt.temperature = 1;             -- > 0
 --   SET gpt.top_n = 5;                   -- sample among the n most likely tokens; 1 = greedy
+--   SET gpt.top_p = 1;                   -- and of those, among the fewest whose probability reaches top_p
 --   SET gpt.seed = 0;                    -- step k draws u = first 52 bits of md5('<seed>:<k>') / 2^52
 --   SET gpt.seeds = '{1, 2}';            -- or one seed per prompt (a bigint[]; default: gpt.seed for each)
---   SET gpt.inspect = off;               -- on: also keep every head's attention weights and the residual
---                                        -- stream after each block (`gpt-sql sql inspect` reads them)
+--   SET gpt.stop = '{"\n\n"}';           -- a prompt's generation ends where its text contains one (a text[])
+--   SET gpt.logprobs = 0;                -- k > 0: each token's row also lists the k likeliest tokens (top)
+--   SET gpt.task = generate;             -- or inspect (= SET gpt.inspect = on), score, embed, classify: what the
+--                                        -- variants of `gpt-sql sql` read (see there)
+--   SET gpt.layer = '';                  -- embed: the residual stream after this block (0 = the first), not ln_f
 -- One row per generated token, as it is produced: i (which prompt, from 1), step, token, its text, its bytes, its
--- probability (softmax of logits / temperature over the whole vocabulary). The prompts are generated together:
--- each step runs every unfinished prompt's new positions through each weight row at once.
+-- probability (softmax of logits / temperature over the whole vocabulary) and, with logprobs, top. The prompts are
+-- generated together: each step runs every unfinished prompt's new positions through each weight row at once.
 -- Each CTE is named after its twin in runner/reference.py.
 WITH RECURSIVE
 -- settings: the parameters from the gpt.* settings (scalars as text). A model's SQL functions (generate, complete,
--- next_tokens, tokenize; loader/functions.py) are this same query with their arguments in this CTE's place
-settings(prompts, tokens, temperature, top_n, seed, seeds, inspect) AS (
+-- score, embed, classify, ...; loader/functions.py) are this same query with their arguments in this CTE's place
+settings(prompts, tokens, temperature, top_n, seed, seeds, task, top_p, logprobs, stop, layer) AS (
     SELECT coalesce(nullif(current_setting('gpt.prompts', true), '')::text[],
                     ARRAY[coalesce(current_setting('gpt.prompt', true), 'Happy New Year!')]),
            current_setting('gpt.tokens', true), current_setting('gpt.temperature', true),
            current_setting('gpt.top_n', true), current_setting('gpt.seed', true),
-           nullif(current_setting('gpt.seeds', true), '')::bigint[], current_setting('gpt.inspect', true)
+           nullif(current_setting('gpt.seeds', true), '')::bigint[],
+           coalesce(nullif(current_setting('gpt.task', true), ''),
+                    CASE WHEN nullif(current_setting('gpt.inspect', true), '')::bool THEN 'inspect' END),
+           current_setting('gpt.top_p', true), current_setting('gpt.logprobs', true),
+           nullif(current_setting('gpt.stop', true), '')::text[], current_setting('gpt.layer', true)
 ),
 -- params: the settings, with defaults, checked before any work; and the dimensions derived from the model: hd,
 -- c_proj_width (how many of mlp_c_proj's inputs a row of it holds: the loader makes rows as wide as fit a page),
@@ -37,13 +45,26 @@ params AS (
                          coalesce(nullif(settings.top_n, '')::int, 5) AS top_n,
                          coalesce(settings.seeds, array_fill(coalesce(nullif(settings.seed, '')::bigint, 0),
                                                              ARRAY[coalesce(cardinality(settings.prompts), 0)])) AS seeds,
-                         coalesce(nullif(settings.inspect, '')::bool, false) AS inspect) s
+                         coalesce(settings.task, 'generate') AS task,
+                         coalesce(nullif(settings.top_p, '')::float8, 1) AS top_p,
+                         coalesce(nullif(settings.logprobs, '')::int, 0) AS logprobs,
+                         coalesce(settings.stop, '{}') AS stop,
+                         nullif(settings.layer, '')::int AS layer) s
     WHERE CASE
-        WHEN s.n_prompts = 0 THEN raise_error('no prompts: give at least one')
+        WHEN s.task NOT IN ('generate', 'inspect', 'score', 'embed', 'classify')
+            THEN raise_error(format('gpt.task must be generate, inspect, score, embed or classify, got %s', s.task))
+        WHEN s.n_prompts = 0 THEN raise_error(CASE WHEN s.task = 'classify' THEN 'no text to classify'
+                                                   ELSE 'no prompts: give at least one' END)
         WHEN array_ndims(s.prompts) > 1 THEN raise_error('the prompts must be a one-dimensional array')
         WHEN array_position(s.prompts, NULL) IS NOT NULL
             THEN raise_error(CASE WHEN s.n_prompts = 1 THEN 'the prompt is NULL'
+                                  WHEN s.task = 'classify' AND array_position(s.prompts, NULL) = 1 THEN 'the text is NULL'
+                                  WHEN s.task = 'classify'
+                                      THEN format('choice %s is NULL', array_position(s.prompts, NULL) - 1)
                                   ELSE format('prompt %s is NULL', array_position(s.prompts, NULL)) END)
+        WHEN s.task = 'classify' AND s.n_prompts < 2 THEN raise_error('no choices: give at least one')
+        WHEN s.task = 'classify' AND array_position(s.prompts[2:], '') IS NOT NULL
+            THEN raise_error(format('choice %s is empty', array_position(s.prompts[2:], '')))
         WHEN coalesce(cardinality(s.seeds), 0) <> s.n_prompts OR array_ndims(s.seeds) > 1
             THEN raise_error(format('%s seeds for %s prompts: give one seed per prompt', cardinality(s.seeds),
                                     s.n_prompts))
@@ -54,6 +75,17 @@ params AS (
             THEN raise_error(format('gpt.temperature must be a positive number, got %s', s.temperature))
         WHEN s.top_n NOT BETWEEN 1 AND h.n_vocab
             THEN raise_error(format('gpt.top_n must be between 1 and %s (the vocabulary), got %s', h.n_vocab, s.top_n))
+        WHEN NOT (s.top_p > 0 AND s.top_p <= 1)
+            THEN raise_error(format('gpt.top_p must be in (0, 1], got %s', s.top_p))
+        WHEN s.logprobs NOT BETWEEN 0 AND h.n_vocab
+            THEN raise_error(format('gpt.logprobs must be between 0 and %s (the vocabulary), got %s', h.n_vocab,
+                                    s.logprobs))
+        WHEN array_ndims(s.stop) > 1 THEN raise_error('the stop strings must be a one-dimensional array')
+        WHEN array_position(s.stop, NULL) IS NOT NULL OR array_position(s.stop, '') IS NOT NULL
+            THEN raise_error(format('stop string %s is empty', coalesce(array_position(s.stop, NULL),
+                                                                         array_position(s.stop, ''))))
+        WHEN s.layer NOT BETWEEN 0 AND h.n_layer - 1
+            THEN raise_error(format('gpt.layer must be between 0 and %s (the blocks), got %s', h.n_layer - 1, s.layer))
         ELSE 0 END = 0
 ),
 -- chars: each prompt's (i) characters with their class in GPT-2's pattern: L letter, N number, S space, O other
@@ -132,19 +164,32 @@ encode AS (
     FROM pieces p JOIN bpe ON bpe.piece = p.piece AND bpe.done,
          unnest(bpe.symbols) WITH ORDINALITY AS t(token, ord)
 ),
--- prompt: the encoded prompts (an empty one is <|endoftext|> alone), if each and the new tokens fit in n_ctx
+-- prompt: the encoded prompts, if each fits in n_ctx with what is asked of it. An empty prompt is <|endoftext|>
+-- alone; to score a text, and a text to classify, follow <|endoftext|>, which gives their first token a
+-- probability (classify's choices follow the text)
 prompt AS (
     SELECT e.i, e.pos, e.token
-    FROM (SELECT e.*, count(*) OVER (PARTITION BY e.i) AS n
-          FROM (SELECT i, pos, token FROM encode
+    FROM (SELECT e.*, count(*) OVER (PARTITION BY e.i) AS n,
+                 count(*) FILTER (WHERE e.i = 1) OVER () AS n_text
+          FROM (SELECT encode.i, encode.pos + (p.task = 'score' OR p.task = 'classify' AND encode.i = 1)::int AS pos,
+                       encode.token
+                FROM encode, params p
                 UNION ALL
-                SELECT p.i::int, 0, params.eot FROM params, unnest(params.prompts) WITH ORDINALITY AS p(prompt, i)
-                WHERE p.prompt = '') e) e, params
-    WHERE CASE WHEN e.n + params.n_tokens > params.n_ctx
+                SELECT q.i::int, 0, p.eot FROM params p, unnest(p.prompts) WITH ORDINALITY AS q(prompt, i)
+                WHERE q.prompt = '' OR p.task = 'score' OR p.task = 'classify' AND q.i = 1) e) e, params p
+    WHERE CASE WHEN p.task IN ('generate', 'inspect') AND e.n + p.n_tokens > p.n_ctx
                THEN raise_error(format('%s is %s tokens and %s new tokens were asked for: together at most n_ctx = '
-                                       '%s fit', CASE WHEN params.n_prompts = 1 THEN 'the prompt'
+                                       '%s fit', CASE WHEN p.n_prompts = 1 THEN 'the prompt'
                                                       ELSE format('prompt %s', e.i) END,
-                                       e.n, params.n_tokens, params.n_ctx))
+                                       e.n, p.n_tokens, p.n_ctx))
+               WHEN p.task IN ('score', 'embed') AND e.n > p.n_ctx
+               THEN raise_error(format('%s is %s tokens%s: at most n_ctx = %s fit',
+                                       CASE WHEN p.n_prompts = 1 THEN 'the text' ELSE format('text %s', e.i) END,
+                                       e.n, CASE WHEN p.task = 'score' THEN ' after <|endoftext|>' ELSE '' END, p.n_ctx))
+               WHEN p.task = 'classify' AND e.n + CASE WHEN e.i = 1 THEN 0 ELSE e.n_text END > p.n_ctx
+               THEN raise_error(format('the text%s is %s tokens after <|endoftext|>: at most n_ctx = %s fit',
+                                       CASE WHEN e.i > 1 THEN format(' with choice %s', e.i - 1) ELSE '' END,
+                                       e.n + CASE WHEN e.i = 1 THEN 0 ELSE e.n_text END, p.n_ctx))
                ELSE 0 END = 0
 ),
 -- chunking: how many steps a chunk of batch runs (see there), and how many sequences a group generates together.
@@ -155,12 +200,13 @@ prompt AS (
 -- attention's fp32 sums split where the cache ends). At most what work_mem holds of one sequence's tails (L^2
 -- positions of kv_bytes). A group is as many sequences as fit work_mem twice: the caches a group's recursion emits
 -- (one at each chunk's end) stay until the group is done, and so do a chunk's states (its tails) until the chunk
--- ends, each counted for the longest prompt. Larger batches run in groups, one after another
+-- ends, each counted for the longest prompt. Larger batches run in groups, one after another (but classify's
+-- choices, which read their text's cache, are one group)
 chunking AS (
     SELECT c.chunk_steps,
-           greatest(1, least(floor(m.work_mem / (p.kv_bytes * (len.n + p.n_tokens) * (2 + (p.n_tokens - 1) / c.chunk_steps))),
-                             floor(m.work_mem / (p.kv_bytes * least(c.chunk_steps, p.n_tokens) ^ 2 / 2))))::int
-               AS group_size
+           CASE WHEN p.task = 'classify' THEN p.n_prompts ELSE greatest(1, least(
+               floor(m.work_mem / (p.kv_bytes * (len.n + p.n_tokens) * (2 + (p.n_tokens - 1) / c.chunk_steps))),
+               floor(m.work_mem / (p.kv_bytes * least(c.chunk_steps, p.n_tokens) ^ 2 / 2)))) END::int AS group_size
     FROM params p, (SELECT max(n) AS n FROM (SELECT count(*) AS n FROM prompt GROUP BY i) l) len,
          LATERAL (SELECT pg_size_bytes(current_setting('work_mem')) AS work_mem) m,
          LATERAL (SELECT greatest(1, least(ceil(sqrt(p.n_ctx)), floor(sqrt(m.work_mem / p.kv_bytes))))::int
@@ -171,19 +217,37 @@ sequences AS MATERIALIZED (
     SELECT l.i, l.len, p.seeds[l.i] AS seed, (l.i - 1) / c.group_size AS grp
     FROM (SELECT i, count(*)::int AS len FROM prompt GROUP BY i) l, params p, chunking c
 ),
+-- fork: classify's choices, each its text's last token and then its own tokens, all reading the cache of the
+-- text's positions before (the first step runs those; none when the text is <|endoftext|> alone)
+fork AS (
+    SELECT ROW(f.i, f.past, f.lens, x.inputs, f.slots, f.texts)::seq_state AS state
+    FROM (SELECT array_agg(c.i ORDER BY c.i) AS i, array_agg(t.len - 1 ORDER BY c.i) AS past,
+                 array_agg(c.len + 1 ORDER BY c.i) AS lens, array_agg(1 ORDER BY c.i) AS slots,
+                 array_agg(''::bytea ORDER BY c.i) AS texts
+          FROM sequences c, (SELECT len FROM sequences WHERE i = 1) t WHERE c.i > 1) f,
+         (SELECT array_agg(x.token ORDER BY x.i, x.pos) AS inputs
+          FROM (SELECT c.i, -1 AS pos, last.token
+                FROM sequences c, (SELECT p.token FROM prompt p JOIN sequences s ON s.i = p.i
+                                   WHERE p.i = 1 AND p.pos = s.len - 1) last
+                WHERE c.i > 1
+                UNION ALL
+                SELECT p.i, p.pos, p.token FROM prompt p WHERE p.i > 1) x) x,
+         params p
+    WHERE p.task = 'classify'
+),
 -- generate: each group's recursion (batch), one group after another. Row kinds:
---   'token'     (i, step, pos, token, prob) a prompt token (step 0) or a sampled one
---   'candidate' (i, step, token, prob)      the top_n tokens the step sampled from
---   'cache'     (step, seqs, past, lens, inputs, cache) where a chunk starts: the unfinished sequences (seqs, in
---                                        order), each one's positions so far (past), the next step's input tokens of
---                                        them all one after another (inputs: the prompts at step 0, then the tokens
---                                        just sampled; lens: how many of them are each sequence's), and each
---                                        sequence's KV cache of its past positions: per layer and head in order, its
---                                        keys and values
---   'state'     (step, seqs, past, lens, inputs, cache) the same within a chunk, each cache only the positions since
---                                        the chunk's start (the tail; kept inside the chunk)
---   'attention' (step, layer, head, vs)  with gpt.inspect on: the head's attention weights, a vector per new position
---   'x'         (step, layer, vs)        with gpt.inspect on: the residual stream after block layer - 1
+--   'token'      (i, step, pos, token, prob, top) a prompt token (step 0) or a sampled one, with logprobs its top:
+--                the likeliest tokens with their log-probabilities
+--   'candidate'  (i, step, token, prob)  the top_n tokens the step sampled from
+--   'cache'      (step, seqs, cache)     where a chunk starts: the unfinished sequences (seqs: see seq_state in
+--                                        schema.sql) and the KV cache of their positions so far, a seq_cache each
+--   'state'      (step, seqs, cache)     the same within a chunk, each cache only the positions since the chunk's
+--                                        start (the tail; kept inside the chunk)
+--   'score'      (i, step, pos, token, prob) with task score or classify: the log-probability (in prob) of the input
+--                                        token at pos, given the positions before
+--   'embedding'  (i, step, vs)           with task embed: the sequence's mean residual stream (see embedding)
+--   'attention'  (step, layer, head, vs) with task inspect: the head's attention weights, a vector per new position
+--   'x'          (step, layer, vs)       with task inspect: the residual stream after block layer - 1
 -- The steps run in chunks of chunk_steps (see chunking), a recursion within this one: batch goes from cache to
 -- cache, the inner one (chunk) from step to step. A step reads the chunk's cache in place, as a parameter (a LATERAL
 -- subquery over the 'cache' row), and carries on only the tail: the working table is a recursion's only state, and
@@ -196,39 +260,50 @@ generate AS (
     SELECT b.* FROM (SELECT DISTINCT grp FROM sequences ORDER BY grp) g, LATERAL (WITH RECURSIVE
     batch AS (
         SELECT 'token' AS kind, p.i, 0 AS step, NULL::int AS layer, NULL::int AS head, p.pos, p.token,
-               NULL::float8 AS prob, NULL::vector[] AS vs, NULL::int[] AS seqs, NULL::int[] AS past,
-               NULL::int[] AS lens, NULL::int[] AS inputs, NULL::seq_cache[] AS cache
+               NULL::float8 AS prob, NULL::jsonb AS top, NULL::vector[] AS vs, NULL::seq_state AS seqs,
+               NULL::seq_cache[] AS cache
         FROM prompt p JOIN sequences s ON s.i = p.i WHERE s.grp = g.grp
         UNION ALL
-        SELECT 'cache', NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, array_agg(s.i ORDER BY s.i),
-               array_agg(0 ORDER BY s.i), array_agg(s.len ORDER BY s.i),
-               ARRAY(SELECT p.token FROM prompt p JOIN sequences ps ON ps.i = p.i WHERE ps.grp = g.grp
-                     ORDER BY p.i, p.pos), NULL
-        FROM sequences s WHERE s.grp = g.grp
+        -- the group's first step: its prompts from their first position (classify: the text but its last token;
+        -- or, when that is nothing, the choices at once)
+        SELECT 'cache', NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+               CASE WHEN pr.task <> 'classify' THEN st.seqs
+                    WHEN t.len = 1 THEN (SELECT f.state FROM fork f)
+                    ELSE ROW(ARRAY[1], ARRAY[0], ARRAY[t.len - 1],
+                             ARRAY(SELECT p.token FROM prompt p WHERE p.i = 1 AND p.pos < t.len - 1 ORDER BY p.pos),
+                             ARRAY[1], ARRAY[''::bytea])::seq_state END,
+               NULL
+        FROM params pr, (SELECT len FROM sequences WHERE i = 1) t,
+             LATERAL (SELECT ROW(array_agg(s.i ORDER BY s.i), array_agg(0 ORDER BY s.i), array_agg(s.len ORDER BY s.i),
+                                 ARRAY(SELECT p.token FROM prompt p JOIN sequences ps ON ps.i = p.i WHERE ps.grp = g.grp
+                                       ORDER BY p.i, p.pos),
+                                 array_agg(s.slot ORDER BY s.i), array_agg(''::bytea ORDER BY s.i))::seq_state AS seqs
+                      FROM (SELECT s.*, row_number() OVER (ORDER BY s.i)::int AS slot FROM sequences s
+                            WHERE s.grp = g.grp) s) st
         UNION ALL
         SELECT chunk.* FROM (SELECT b.* FROM batch b WHERE b.kind = 'cache' OFFSET 0) base, LATERAL (WITH RECURSIVE
         -- chunk: the steps from a 'cache' row (base): the first from base with empty tails, each next from the
         -- 'state' its step before ended with (a chunk's last step ends with a 'cache' instead, the last with neither)
         chunk AS (
             SELECT 'state' AS kind, NULL::int AS i, base.step, NULL::int AS layer, NULL::int AS head, NULL::int AS pos,
-                   NULL::int AS token, NULL::float8 AS prob, NULL::vector[] AS vs, base.seqs, base.past, base.lens,
-                   base.inputs, NULL::seq_cache[] AS cache
+                   NULL::int AS token, NULL::float8 AS prob, NULL::jsonb AS top, NULL::vector[] AS vs, base.seqs,
+                   NULL::seq_cache[] AS cache
             UNION ALL
             SELECT step.*
             FROM (SELECT s.* FROM chunk s WHERE s.kind = 'state' OFFSET 0) state, LATERAL (WITH RECURSIVE
             -- live: the sequences this step runs, in order (seq): where their new positions start (pos, after n_past
             -- positions), how many they are (len), where they are among the step's positions (from off + 1), and the
-            -- sequence's place in base (slot), whose cache holds its first n_base positions
+            -- cache they read in base (slot), which holds their first n_base positions
             live AS MATERIALIZED (
                 SELECT s.seq::int AS seq, s.i, s.pos, s.len, (sum(s.len) OVER (ORDER BY s.seq) - s.len)::int AS off,
-                       b.slot, base.past[b.slot] AS n_base
-                FROM unnest(state.seqs, state.past, state.lens) WITH ORDINALITY AS s(i, pos, len, seq),
-                     LATERAL (SELECT array_position(base.seqs, s.i) AS slot) b
+                       s.slot, ((base.seqs).past)[array_position((base.seqs).i, s.i)] AS n_base
+                FROM unnest((state.seqs).i, (state.seqs).past, (state.seqs).lens, (state.seqs).slots)
+                     WITH ORDINALITY AS s(i, pos, len, slot, seq)
             ),
             -- inputs: the positions this step runs (r: their order in the step), and their tokens
             inputs AS (
                 SELECT l.seq, l.off + u.n::int AS r, l.pos + u.n::int - 1 AS pos, u.token
-                FROM live l, unnest(state.inputs[l.off + 1:l.off + l.len]) WITH ORDINALITY AS u(token, n)
+                FROM live l, unnest(((state.seqs).inputs)[l.off + 1:l.off + l.len]) WITH ORDINALITY AS u(token, n)
             ),
             -- this_step: the number of this step
             this_step AS (SELECT state.step + 1 AS step),
@@ -353,12 +428,14 @@ generate AS (
                                  ARRAY(SELECT ARRAY(SELECT y / a.total
                                                     FROM unnest(coalesce(a.eo::real[], '{}') || a.en::real[]) AS y)::vector
                                        FROM attention a WHERE a.head = n.head ORDER BY a.seq, a.p), NULL
-                          FROM qkv n WHERE (SELECT inspect FROM params))
+                          FROM qkv n WHERE (SELECT task = 'inspect' FROM params))
             ),
-            -- ln_f of each sequence's last position (materialised: computed once, not once per wte row)
+            -- ln_f of each sequence's last position, to sample from (materialised: computed once, not once per wte
+            -- row)
             last AS MATERIALIZED (
                 SELECT l.seq, as_weights(layer_norm(b.vs[l.off + l.len], ln_f.g, ln_f.b)) AS x
-                FROM blocks b, ln_f, params p, live l WHERE b.kind = 'x' AND b.layer = p.n_layer
+                FROM blocks b, ln_f, params p, live l
+                WHERE b.kind = 'x' AND b.layer = p.n_layer AND p.task IN ('generate', 'inspect')
             ),
             -- logits = x @ wte.T / temperature, in id order: an ordered index scan reads each page of wte forwards (the
             -- loader writes its rows so), faster than a sequential scan. x and the temperature as scalar subqueries,
@@ -368,44 +445,63 @@ generate AS (
             -- read: 5% of a decode step)
             logits AS MATERIALIZED (
                 SELECT wte.id, inner_product((SELECT x FROM last), wte.w) / (SELECT temperature FROM params) AS logit
-                FROM wte WHERE (SELECT count(*) FROM live) = 1 ORDER BY wte.id
+                FROM wte WHERE (SELECT count(*) FROM last) = 1 ORDER BY wte.id
             ),
             batch_logits AS MATERIALIZED (
                 SELECT wte.id, ARRAY(SELECT inner_product(unnest((SELECT array_agg(x ORDER BY seq) FROM last)), wte.w)
                                             / (SELECT temperature FROM params)) AS ls
-                FROM wte WHERE (SELECT count(*) FROM live) > 1 ORDER BY wte.id
+                FROM wte WHERE (SELECT count(*) FROM last) > 1 ORDER BY wte.id
             ),
-            -- sample: per sequence, the top_n tokens by logit (ties: lower id), the first whose cumulative probability
-            -- exceeds u. The top_n-th logit of some 100 top_n tokens (bound) is at most the top_n-th of them all, so
-            -- only the tokens at least as likely go to the sort: a few hundred, not all (a sort copies every row it
-            -- is given: 9 ms a sequence, against 3 for this)
+            -- top: per sequence, the most likely tokens by logit (ties: lower id): the top_n to sample from, or the
+            -- logprobs ones to list, whichever are more. The n-th logit of some 100 n tokens (bound) is at most the
+            -- n-th of them all, so only the tokens at least as likely go to the sort: a few hundred, not all (a sort
+            -- copies every row it is given: 9 ms a sequence, against 3 for this)
             top AS (
                 SELECT l.seq, t.id, t.logit, row_number() OVER (PARTITION BY l.seq ORDER BY t.logit DESC, t.id) AS rank
-                FROM live l, params p,
+                FROM last l, params p, LATERAL (SELECT greatest(p.top_n, p.logprobs) AS n) n,
                      LATERAL (SELECT min(b.logit) AS logit
                               FROM (SELECT b.logit FROM (SELECT g.logit
                                                          FROM (SELECT logit FROM logits
                                                                UNION ALL SELECT ls[l.seq] FROM batch_logits) g
-                                                         LIMIT 100 * p.top_n) b
-                                    ORDER BY b.logit DESC LIMIT p.top_n) b) bound,
+                                                         LIMIT 100 * n.n) b
+                                    ORDER BY b.logit DESC LIMIT n.n) b) bound,
                      LATERAL (SELECT g.id, g.logit
                               FROM (SELECT id, logit FROM logits UNION ALL SELECT id, ls[l.seq] FROM batch_logits) g
                               WHERE g.logit >= bound.logit
-                              ORDER BY g.logit DESC, g.id LIMIT p.top_n) t
+                              ORDER BY g.logit DESC, g.id LIMIT n.n) t
             ),
             -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass
             probs AS (
-                SELECT t.seq, t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / m.total AS prob
+                SELECT t.seq, t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / m.total AS prob,
+                       t.logit - m.max - ln(m.total) AS logprob
                 FROM top t JOIN (SELECT t.seq, t.logit AS max,
                                         (SELECT sum(exp(g.logit - t.logit))
                                          FROM (SELECT logit FROM logits UNION ALL SELECT ls[t.seq] FROM batch_logits) g)
                                             AS total
                                  FROM top t WHERE t.rank = 1) m ON m.seq = t.seq
             ),
+            -- top_logprobs: with logprobs k, each sequence's k likeliest tokens and their log-probabilities
+            top_logprobs AS (
+                SELECT pr.seq, jsonb_agg(jsonb_build_object('token', pr.id, 'text', decode_utf8(t.bytes),
+                                                            'logprob', pr.logprob) ORDER BY pr.rank) AS top
+                FROM probs pr JOIN tokens t ON t.id = pr.id, params p
+                WHERE pr.rank <= p.logprobs
+                GROUP BY pr.seq
+            ),
+            -- nucleus: of the top_n candidates, the fewest (likeliest first) whose share of their probability
+            -- reaches top_p: each whose likelier ones' share is below it (all of them at top_p = 1)
+            nucleus AS (
+                SELECT c.* FROM (SELECT pr.*, coalesce(sum(pr.e) OVER (PARTITION BY pr.seq ORDER BY pr.rank ROWS
+                                                                       BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                                               / sum(pr.e) OVER (PARTITION BY pr.seq) AS before
+                                 FROM probs pr, params p WHERE pr.rank <= p.top_n) c, params p
+                WHERE p.top_p >= 1 OR c.before < p.top_p
+            ),
+            -- sample: per sequence, the first of the nucleus whose cumulative probability (within it) exceeds u
             sample AS (
                 SELECT DISTINCT ON (s.seq) s.seq, s.id, s.prob
                 FROM (SELECT seq, id, rank, prob, sum(e) OVER (PARTITION BY seq ORDER BY rank) / sum(e) OVER (PARTITION BY seq) AS cumulative,
-                             count(*) OVER (PARTITION BY seq) AS n FROM probs) s
+                             count(*) OVER (PARTITION BY seq) AS n FROM nucleus) s
                      JOIN live l ON l.seq = s.seq JOIN sequences q ON q.i = l.i,
                      LATERAL (SELECT ('x' || substr(md5(q.seed || ':' || i.step), 1, 13))::bit(52)::bigint
                                      / 4503599627370496.0 AS u
@@ -413,28 +509,76 @@ generate AS (
                 WHERE s.cumulative > draw.u OR s.rank = s.n
                 ORDER BY s.seq, s.rank
             ),
-            -- next: the sequences that go on (not at <|endoftext|>, nor at the last step), with their sampled tokens,
-            -- in order; and their keys and values of this step in (layer, head) order, each with its tail before
+            -- scored: with task score, or classify's choices, each new position's log-probability of the input token
+            -- after it (a sequence's last position has none): log softmax of its logits (temperature 1), shifted by the largest.
+            -- One scan of wte gives every scored position's logits (score_logits: an array per token, ls[j])
+            scored_x AS MATERIALIZED (
+                SELECT row_number() OVER (ORDER BY i.r) AS j, i.seq, nx.pos, nx.token,
+                       as_weights(layer_norm(b.vs[i.r], ln_f.g, ln_f.b)) AS x
+                FROM inputs i JOIN inputs nx ON nx.seq = i.seq AND nx.r = i.r + 1 JOIN live l ON l.seq = i.seq,
+                     blocks b, ln_f, params p
+                WHERE (p.task = 'score' OR p.task = 'classify' AND l.i > 1) AND b.kind = 'x' AND b.layer = p.n_layer
+            ),
+            score_logits AS MATERIALIZED (
+                SELECT wte.id, ARRAY(SELECT inner_product(unnest((SELECT array_agg(x ORDER BY j) FROM scored_x)), wte.w))
+                                   AS ls
+                FROM wte WHERE EXISTS (SELECT FROM scored_x) ORDER BY wte.id
+            ),
+            scored AS (
+                SELECT s.seq, s.pos, s.token,
+                       inner_product(s.x, (SELECT w.w FROM wte w WHERE w.id = s.token)) - m.max - ln(z.total) AS logprob
+                FROM scored_x s, LATERAL (SELECT max(g.ls[s.j]) AS max FROM score_logits g) m,
+                     LATERAL (SELECT sum(exp(g.ls[s.j] - m.max)) AS total FROM score_logits g) z
+            ),
+            -- embedding: with task embed, each sequence's residual stream after block layer, or after the last and
+            -- ln_f when layer is NULL, averaged over its positions (pgvector's avg: sums in float8)
+            embedding AS (
+                SELECT l.seq, (SELECT avg(CASE WHEN p.layer IS NULL THEN layer_norm(u.x, ln_f.g, ln_f.b) ELSE u.x END)
+                               FROM unnest(b.vs[l.off + 1:l.off + l.len]) AS u(x)) AS v
+                FROM live l, blocks b, ln_f, params p
+                WHERE p.task = 'embed' AND b.kind = 'x' AND b.layer = coalesce(p.layer + 1, p.n_layer)
+            ),
+            -- next: the sequences that go on, in order: not at <|endoftext|> nor at the last step, and whose text does
+            -- not contain a stop string; with their sampled tokens, texts, and keys and values of this step in (layer,
+            -- head) order, each with its tail before. For classify, after the text's positions, the text: its cache is
+            -- what the choices read
             next AS MATERIALIZED (
                 SELECT row_number() OVER (ORDER BY l.seq) AS seq, l.i, l.slot, l.pos + l.len AS pos, s.id AS token,
+                       s.text, ROW(ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' AND b.seq = l.seq
+                                         ORDER BY b.layer, b.head))::seq_cache AS kv
+                FROM live l JOIN (SELECT s.seq, s.id, ((state.seqs).texts)[s.seq] || t.bytes AS text
+                                  FROM sample s JOIN tokens t ON t.id = s.id) s ON s.seq = l.seq,
+                     params p, this_step i
+                WHERE p.task = 'generate' AND i.step < p.n_tokens AND s.id <> p.eot
+                  AND NOT EXISTS (SELECT FROM unnest(p.stop) AS x(stop) WHERE position(convert_to(x.stop, 'UTF8') IN s.text) > 0)
+                UNION ALL
+                SELECT 1, l.i, l.slot, l.pos + l.len, NULL, NULL,
                        ROW(ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' AND b.seq = l.seq
-                                 ORDER BY b.layer, b.head))::seq_cache AS kv
-                FROM live l JOIN sample s ON s.seq = l.seq, params p, this_step i
-                WHERE i.step < p.n_tokens AND s.id <> p.eot
+                                 ORDER BY b.layer, b.head))::seq_cache
+                FROM live l, params p WHERE p.task = 'classify' AND l.i = 1
             )
-            SELECT 'token', l.i, i.step, NULL::int, NULL::int, l.pos + l.len, s.id, s.prob, NULL::vector[], NULL::int[],
-                   NULL::int[], NULL::int[], NULL::int[], NULL::seq_cache[]
-            FROM sample s JOIN live l ON l.seq = s.seq, this_step i
+            SELECT 'token', l.i, i.step, NULL::int, NULL::int, l.pos + l.len, s.id, s.prob, a.top, NULL::vector[],
+                   NULL::seq_state, NULL::seq_cache[]
+            FROM sample s JOIN live l ON l.seq = s.seq LEFT JOIN top_logprobs a ON a.seq = s.seq, this_step i
             UNION ALL
-            SELECT 'candidate', l.i, i.step, NULL, NULL, NULL, p.id, p.prob, NULL, NULL, NULL, NULL, NULL, NULL
-            FROM probs p JOIN live l ON l.seq = p.seq, this_step i
+            SELECT 'candidate', l.i, i.step, NULL, NULL, NULL, p.id, p.prob, NULL, NULL, NULL, NULL
+            FROM probs p JOIN live l ON l.seq = p.seq, this_step i, params pr WHERE p.rank <= pr.top_n
+            UNION ALL
+            SELECT 'score', l.i, i.step, NULL, NULL, s.pos, s.token, s.logprob, NULL, NULL, NULL, NULL
+            FROM scored s JOIN live l ON l.seq = s.seq, this_step i
+            UNION ALL
+            SELECT 'embedding', l.i, i.step, NULL, NULL, NULL, NULL, NULL, NULL, ARRAY[e.v], NULL, NULL
+            FROM embedding e JOIN live l ON l.seq = e.seq, this_step i
             UNION ALL
             -- what the next step starts from (nothing after the last step): within the chunk a 'state' with the
-            -- recent keys and values as its tails; at the chunk's end a 'cache' with them added to each sequence's
-            -- cache in base, its heads' caches and the recent ones zipped by two unnests in the select list (base's
-            -- read in place, in one pass)
-            SELECT CASE WHEN c.ends THEN 'cache' ELSE 'state' END, NULL, i.step, NULL, NULL, NULL, NULL, NULL, NULL,
-                   n.seqs, n.past, n.lens, n.inputs,
+            -- recent keys and values as its tails (each sequence reading base's cache it read before); at the chunk's
+            -- end a 'cache' with them added to each sequence's cache in base, its heads' caches and the recent ones
+            -- zipped by two unnests in the select list (base's read in place, in one pass), and each sequence reading
+            -- its own. classify's next is its fork
+            SELECT CASE WHEN c.ends THEN 'cache' ELSE 'state' END, NULL, i.step, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                   CASE WHEN p.task = 'classify' THEN (SELECT f.state FROM fork f)
+                        ELSE ROW(n.i, n.past, n.lens, n.inputs, CASE WHEN c.ends THEN n.seqs ELSE n.slots END,
+                                 n.texts)::seq_state END,
                    CASE WHEN NOT c.ends THEN n.kvs
                    ELSE ARRAY(
                        SELECT ROW(ARRAY(
@@ -444,20 +588,21 @@ generate AS (
                            FROM (SELECT unnest((base.cache[x.slot]).heads) AS old, unnest((x.kv).heads) AS new) h
                            ))::seq_cache
                        FROM next x ORDER BY x.seq) END
-            FROM this_step i,
-                 (SELECT array_agg(i ORDER BY seq) AS seqs, array_agg(pos ORDER BY seq) AS past,
+            FROM this_step i, params p,
+                 (SELECT array_agg(i ORDER BY seq) AS i, array_agg(pos ORDER BY seq) AS past,
                          array_agg(1 ORDER BY seq) AS lens, array_agg(token ORDER BY seq) AS inputs,
-                         array_agg(kv ORDER BY seq) AS kvs FROM next) n,
+                         array_agg(seq::int ORDER BY seq) AS seqs, array_agg(slot ORDER BY seq) AS slots,
+                         array_agg(text ORDER BY seq) AS texts, array_agg(kv ORDER BY seq) AS kvs FROM next) n,
                  -- a chunk ends after the prompts' step (step 1) and then every chunk_steps steps
                  LATERAL (SELECT (i.step - 1) % chunking.chunk_steps = 0 AS ends FROM chunking) c
-            WHERE n.seqs IS NOT NULL
+            WHERE n.i IS NOT NULL
             UNION ALL
-            -- with gpt.inspect on: the attention weights, and the residual stream after each block (layer l + 1 is
+            -- with task inspect: the attention weights, and the residual stream after each block (layer l + 1 is
             -- after block l) for the logit lens. The condition is a subquery so that it is checked once, before any
             -- scan of blocks
-            SELECT b.kind, NULL, i.step, b.layer, b.head, NULL, NULL, NULL, b.vs, NULL, NULL, NULL, NULL, NULL
+            SELECT b.kind, NULL, i.step, b.layer, b.head, NULL, NULL, NULL, NULL, b.vs, NULL, NULL
             FROM blocks b, this_step i
-            WHERE (SELECT inspect FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0)
+            WHERE (SELECT task = 'inspect' FROM params) AND (b.kind = 'attention' OR b.kind = 'x' AND b.layer > 0)
             ) step
         )
         -- the chunk's rows but its states (the next chunk starts from its 'cache')
@@ -467,9 +612,32 @@ generate AS (
     -- the group's rows but its caches
     SELECT * FROM batch WHERE kind <> 'cache'
     ) b
+),
+-- output: the generated tokens and their bytes. With stop strings, a prompt's tokens end where its text first
+-- contains one, the token it starts in cut there: these rows come when the generation ends, since until then a
+-- token's text may turn out to be a stop string's beginning
+output AS (
+    SELECT g.i, g.step, g.token, g.prob, g.top, t.bytes
+    FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t
+    WHERE g.kind = 'token' AND g.step > 0 AND (SELECT cardinality(stop) = 0 FROM params)
+    UNION ALL
+    SELECT o.i, o.step, o.token, o.prob, o.top, substring(o.bytes FROM 1 FOR least(length(o.bytes), c.cut - o.start)::int)
+    FROM (SELECT g.i, g.step, g.token, g.prob, g.top, t.bytes,
+                 coalesce(sum(length(t.bytes)) OVER (PARTITION BY g.i ORDER BY g.step ROWS BETWEEN UNBOUNDED PRECEDING
+                                                     AND 1 PRECEDING), 0) AS start
+          FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t
+          WHERE g.kind = 'token' AND g.step > 0 AND (SELECT cardinality(stop) > 0 FROM params)) o,
+         -- cut: where each prompt's text first contains a stop string (its length when none does)
+         (SELECT t.i, coalesce(min(position(convert_to(x.stop, 'UTF8') IN t.text)) FILTER (
+                                   WHERE position(convert_to(x.stop, 'UTF8') IN t.text) > 0) - 1,
+                               length(t.text)) AS cut
+          FROM (SELECT g.i, string_agg(tk.bytes, ''::bytea ORDER BY g.step) AS text
+                FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) tk
+                WHERE g.kind = 'token' AND g.step > 0 GROUP BY g.i) t, params p, unnest(p.stop) AS x(stop)
+          GROUP BY t.i, t.text) c
+    WHERE c.i = o.i AND o.start < c.cut
 )
 -- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
 -- each part; the bytes put it together (clients decode the stream incrementally)
-SELECT g.i, g.step, g.token, decode_utf8(t.bytes) AS text, t.bytes, g.prob
-FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t
-WHERE g.kind = 'token' AND g.step > 0;
+SELECT o.i, o.step, o.token, decode_utf8(o.bytes) AS text, o.bytes, o.prob, o.top AS alternatives
+FROM output o;

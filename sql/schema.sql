@@ -91,6 +91,12 @@ CREATE TYPE head_cache AS (k vector[], v vector[]);
 -- one flat array over all sequences' heads would make that walk grow with the batch at every one of its heads
 -- (an array of head_cache[] is not possible either: it would be one 2-D array)
 CREATE TYPE seq_cache AS (heads head_cache[]);
+-- seq_state: the unfinished sequences of a batch as the recursion hands them from step to step, one array element
+-- per sequence, in order: its number (i, from 1), its positions so far (past), the next step's input tokens of
+-- them all one after another (inputs; lens: how many are each one's), the cache it reads (slot: its place in the
+-- chunk's cache; sequences may share one, as classify's choices share their text's), and the bytes it has
+-- generated (texts, for stop strings)
+CREATE TYPE seq_state AS (i int[], past int[], lens int[], inputs int[], slots int[], texts bytea[]);
 
 -- SQL has no RAISE; the query calls this to stop with a message a user can act on
 CREATE FUNCTION raise_error(message text) RETURNS int LANGUAGE plpgsql AS $$

@@ -24,7 +24,8 @@ def tiny(load_tiny):
     return load_tiny("tiny_a", **TINY)
 
 
-@pytest.mark.parametrize("command", ["run", "next", "tokenize", "sql", "models", "load", "drop", "download", "server"])
+@pytest.mark.parametrize("command", ["run", "next", "score", "embed", "classify", "tokenize", "sql", "models", "load",
+                                     "drop", "download", "server", "inspect", "grant"])
 def test_help(command):
     r = gpt_sql(command, "--help")
     assert r.returncode == 0 and "usage: gpt-sql " + command in r.stdout
