@@ -43,8 +43,9 @@ params AS (
                          coalesce(nullif(settings.tokens, '')::int, 10) AS n_tokens,
                          coalesce(nullif(settings.temperature, '')::float8, 1) AS temperature,
                          coalesce(nullif(settings.top_n, '')::int, 5) AS top_n,
-                         coalesce(settings.seeds, array_fill(coalesce(nullif(settings.seed, '')::bigint, 0),
-                                                             ARRAY[coalesce(cardinality(settings.prompts), 0)])) AS seeds,
+                         coalesce(settings.seeds,
+                                  array_fill(coalesce(nullif(settings.seed, '')::bigint, 0),
+                                             ARRAY[coalesce(cardinality(settings.prompts), 0)])) AS seeds,
                          coalesce(settings.task, 'generate') AS task,
                          coalesce(nullif(settings.top_p, '')::float8, 1) AS top_p,
                          coalesce(nullif(settings.logprobs, '')::int, 0) AS logprobs,
@@ -58,7 +59,8 @@ params AS (
         WHEN array_ndims(s.prompts) > 1 THEN raise_error('the prompts must be a one-dimensional array')
         WHEN array_position(s.prompts, NULL) IS NOT NULL
             THEN raise_error(CASE WHEN s.n_prompts = 1 THEN 'the prompt is NULL'
-                                  WHEN s.task = 'classify' AND array_position(s.prompts, NULL) = 1 THEN 'the text is NULL'
+                                  WHEN s.task = 'classify' AND array_position(s.prompts, NULL) = 1
+                                      THEN 'the text is NULL'
                                   WHEN s.task = 'classify'
                                       THEN format('choice %s is NULL', array_position(s.prompts, NULL) - 1)
                                   ELSE format('prompt %s is NULL', array_position(s.prompts, NULL)) END)
@@ -185,7 +187,8 @@ prompt AS (
                WHEN p.task IN ('score', 'embed') AND e.n > p.n_ctx
                THEN raise_error(format('%s is %s tokens%s: at most n_ctx = %s fit',
                                        CASE WHEN p.n_prompts = 1 THEN 'the text' ELSE format('text %s', e.i) END,
-                                       e.n, CASE WHEN p.task = 'score' THEN ' after <|endoftext|>' ELSE '' END, p.n_ctx))
+                                       e.n, CASE WHEN p.task = 'score' THEN ' after <|endoftext|>' ELSE '' END,
+                                       p.n_ctx))
                WHEN p.task = 'classify' AND e.n + CASE WHEN e.i = 1 THEN 0 ELSE e.n_text END > p.n_ctx
                THEN raise_error(format('the text%s is %s tokens after <|endoftext|>: at most n_ctx = %s fit',
                                        CASE WHEN e.i > 1 THEN format(' with choice %s', e.i - 1) ELSE '' END,
@@ -500,8 +503,9 @@ generate AS (
             -- sample: per sequence, the first of the nucleus whose cumulative probability (within it) exceeds u
             sample AS (
                 SELECT DISTINCT ON (s.seq) s.seq, s.id, s.prob
-                FROM (SELECT seq, id, rank, prob, sum(e) OVER (PARTITION BY seq ORDER BY rank) / sum(e) OVER (PARTITION BY seq) AS cumulative,
-                             count(*) OVER (PARTITION BY seq) AS n FROM nucleus) s
+                FROM (SELECT seq, id, rank, prob, sum(e) OVER w / sum(e) OVER (PARTITION BY seq) AS cumulative,
+                             count(*) OVER (PARTITION BY seq) AS n
+                      FROM nucleus WINDOW w AS (PARTITION BY seq ORDER BY rank)) s
                      JOIN live l ON l.seq = s.seq JOIN sequences q ON q.i = l.i,
                      LATERAL (SELECT ('x' || substr(md5(q.seed || ':' || i.step), 1, 13))::bit(52)::bigint
                                      / 4503599627370496.0 AS u
@@ -510,8 +514,9 @@ generate AS (
                 ORDER BY s.seq, s.rank
             ),
             -- scored: with task score, or classify's choices, each new position's log-probability of the input token
-            -- after it (a sequence's last position has none): log softmax of its logits (temperature 1), shifted by the largest.
-            -- One scan of wte gives every scored position's logits (score_logits: an array per token, ls[j])
+            -- after it (a sequence's last position has none): log softmax of its logits (temperature 1), shifted by
+            -- the largest. One scan of wte gives every scored position's logits (score_logits: an array per token,
+            -- ls[j])
             scored_x AS MATERIALIZED (
                 SELECT row_number() OVER (ORDER BY i.r) AS j, i.seq, nx.pos, nx.token,
                        as_weights(layer_norm(b.vs[i.r], ln_f.g, ln_f.b)) AS x
@@ -520,8 +525,8 @@ generate AS (
                 WHERE (p.task = 'score' OR p.task = 'classify' AND l.i > 1) AND b.kind = 'x' AND b.layer = p.n_layer
             ),
             score_logits AS MATERIALIZED (
-                SELECT wte.id, ARRAY(SELECT inner_product(unnest((SELECT array_agg(x ORDER BY j) FROM scored_x)), wte.w))
-                                   AS ls
+                SELECT wte.id,
+                       ARRAY(SELECT inner_product(unnest((SELECT array_agg(x ORDER BY j) FROM scored_x)), wte.w)) AS ls
                 FROM wte WHERE EXISTS (SELECT FROM scored_x) ORDER BY wte.id
             ),
             scored AS (
@@ -550,7 +555,8 @@ generate AS (
                                   FROM sample s JOIN tokens t ON t.id = s.id) s ON s.seq = l.seq,
                      params p, this_step i
                 WHERE p.task = 'generate' AND i.step < p.n_tokens AND s.id <> p.eot
-                  AND NOT EXISTS (SELECT FROM unnest(p.stop) AS x(stop) WHERE position(convert_to(x.stop, 'UTF8') IN s.text) > 0)
+                  AND NOT EXISTS (SELECT FROM unnest(p.stop) AS x(stop)
+                                  WHERE position(convert_to(x.stop, 'UTF8') IN s.text) > 0)
                 UNION ALL
                 SELECT 1, l.i, l.slot, l.pos + l.len, NULL, NULL,
                        ROW(ARRAY(SELECT b.kv FROM blocks b WHERE b.kind = 'kv' AND b.seq = l.seq
@@ -575,7 +581,8 @@ generate AS (
             -- end a 'cache' with them added to each sequence's cache in base, its heads' caches and the recent ones
             -- zipped by two unnests in the select list (base's read in place, in one pass), and each sequence reading
             -- its own. classify's next is its fork
-            SELECT CASE WHEN c.ends THEN 'cache' ELSE 'state' END, NULL, i.step, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+            SELECT CASE WHEN c.ends THEN 'cache' ELSE 'state' END, NULL, i.step, NULL, NULL, NULL, NULL, NULL, NULL,
+                   NULL,
                    CASE WHEN p.task = 'classify' THEN (SELECT f.state FROM fork f)
                         ELSE ROW(n.i, n.past, n.lens, n.inputs, CASE WHEN c.ends THEN n.seqs ELSE n.slots END,
                                  n.texts)::seq_state END,
@@ -621,7 +628,8 @@ output AS (
     FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t
     WHERE g.kind = 'token' AND g.step > 0 AND (SELECT cardinality(stop) = 0 FROM params)
     UNION ALL
-    SELECT o.i, o.step, o.token, o.prob, o.top, substring(o.bytes FROM 1 FOR least(length(o.bytes), c.cut - o.start)::int)
+    SELECT o.i, o.step, o.token, o.prob, o.top,
+           substring(o.bytes FROM 1 FOR least(length(o.bytes), c.cut - o.start)::int)
     FROM (SELECT g.i, g.step, g.token, g.prob, g.top, t.bytes,
                  coalesce(sum(length(t.bytes)) OVER (PARTITION BY g.i ORDER BY g.step ROWS BETWEEN UNBOUNDED PRECEDING
                                                      AND 1 PRECEDING), 0) AS start
