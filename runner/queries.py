@@ -62,7 +62,7 @@ FROM generate x,
               FROM (SELECT ARRAY(SELECT as_weights(layer_norm(unnest(x.vs), ln_f.g, ln_f.b))) AS hs FROM ln_f) h
               OFFSET 0) m,
      LATERAL (SELECT c.pos, array_position(c.logits, c.top) - 1 AS token,
-                     1 / (SELECT sum(exp(y::float8 - c.top)) FROM unnest(c.logits) AS y) AS prob
+                     1 / (SELECT sum(exp0(y::float8 - c.top)) FROM unnest(c.logits) AS y) AS prob
               FROM (SELECT c.pos, c.logits, (SELECT max(y) FROM unnest(c.logits) AS y) AS top
                     FROM (SELECT j AS pos, ARRAY(SELECT unnest(m.logits[:][j:j])) AS logits
                           FROM generate_series(1, cardinality(x.vs)) AS j OFFSET 0) c OFFSET 0) c) l
@@ -104,7 +104,8 @@ ORDER BY g.i;
     "classify": """-- classify: with gpt.task = classify (gpt.prompts: the text, then the choices), each choice and its probability
 -- after the text: the product of its tokens' probabilities, normalised over the choices (a softmax of their summed
 -- log-probabilities)
-SELECT c.i - 1 AS choice, p.prompts[c.i] AS text, exp(c.logprob - c.max) / sum(exp(c.logprob - c.max)) OVER () AS prob
+SELECT c.i - 1 AS choice, p.prompts[c.i] AS text,
+       exp0(c.logprob - c.max) / sum(exp0(c.logprob - c.max)) OVER () AS prob
 FROM (SELECT c.*, max(c.logprob) OVER () AS max
       FROM (SELECT g.i, sum(g.prob ORDER BY g.pos) AS logprob FROM generate g WHERE g.kind = 'score' GROUP BY g.i) c) c,
      params p

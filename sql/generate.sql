@@ -376,7 +376,7 @@ generate AS (
                                  (SELECT sum(y) FROM unnest(e.e) AS y) AS total
                           FROM recent n JOIN live l ON l.seq = n.seq, params pr,
                                LATERAL (SELECT (base.cache[l.slot]).heads[n.lh] AS c OFFSET 0) past, LATERAL (
-                              SELECT s.p, ARRAY(SELECT exp(unnest(s.s) - s.max)) AS e
+                              SELECT s.p, ARRAY(SELECT exp0(unnest(s.s) - s.max)) AS e
                               FROM (SELECT s.p, s.s, (SELECT max(y) FROM unnest(s.s) AS y) AS max
                                     FROM (SELECT q.p, ARRAY(SELECT inner_product(q.q, k.k) / sqrt(pr.hd)
                                                             FROM (SELECT unnest((past.c).k) AS k UNION ALL SELECT unnest(n.k)) k
@@ -475,10 +475,10 @@ generate AS (
             ),
             -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass
             probs AS (
-                SELECT t.seq, t.id, t.rank, exp(t.logit - m.max) AS e, exp(t.logit - m.max) / m.total AS prob,
+                SELECT t.seq, t.id, t.rank, exp0(t.logit - m.max) AS e, exp0(t.logit - m.max) / m.total AS prob,
                        t.logit - m.max - ln(m.total) AS logprob
                 FROM top t JOIN (SELECT t.seq, t.logit AS max,
-                                        (SELECT sum(exp(g.logit - t.logit))
+                                        (SELECT sum(exp0(g.logit - t.logit))
                                          FROM (SELECT logit FROM logits UNION ALL SELECT ls[t.seq] FROM batch_logits) g)
                                             AS total
                                  FROM top t WHERE t.rank = 1) m ON m.seq = t.seq
@@ -514,9 +514,8 @@ generate AS (
                 ORDER BY s.seq, s.rank
             ),
             -- scored: with task score, or classify's choices, each new position's log-probability of the input token
-            -- after it (a sequence's last position has none): log softmax of its logits (temperature 1), shifted by
-            -- the largest. One scan of wte gives every scored position's logits (score_logits: an array per token,
-            -- ls[j])
+            -- after it (a sequence's last position has none): log softmax of its logits (temperature 1). One scan
+            -- of wte gives every scored position's logits (score_logits: an array per token, ls[j])
             scored_x AS MATERIALIZED (
                 SELECT row_number() OVER (ORDER BY i.r) AS j, i.seq, nx.pos, nx.token,
                        as_weights(layer_norm(b.vs[i.r], ln_f.g, ln_f.b)) AS x
@@ -529,11 +528,18 @@ generate AS (
                        ARRAY(SELECT inner_product(unnest((SELECT array_agg(x ORDER BY j) FROM scored_x)), wte.w)) AS ls
                 FROM wte WHERE EXISTS (SELECT FROM scored_x) ORDER BY wte.id
             ),
+            -- the log-probability is -ln(sum(exp(logit - the token's logit))): one pass per position. Should any
+            -- logit be over 600 above the token's (exp would overflow), the pass shifted by the largest instead
             scored AS (
                 SELECT s.seq, s.pos, s.token,
-                       inner_product(s.x, (SELECT w.w FROM wte w WHERE w.id = s.token)) - m.max - ln(z.total) AS logprob
-                FROM scored_x s, LATERAL (SELECT max(g.ls[s.j]) AS max FROM score_logits g) m,
-                     LATERAL (SELECT sum(exp(g.ls[s.j] - m.max)) AS total FROM score_logits g) z
+                       CASE WHEN z.over <= 600 THEN -ln(z.total)
+                            ELSE (SELECT t.logit - m.max - ln(sum(exp0(g.ls[s.j] - m.max)))
+                                  FROM score_logits g, (SELECT max(g.ls[s.j]) AS max FROM score_logits g) m
+                                  GROUP BY m.max) END AS logprob
+                FROM scored_x s, LATERAL (SELECT inner_product(s.x, w.w) AS logit FROM wte w WHERE w.id = s.token) t,
+                     LATERAL (SELECT sum(exp0(least(g.ls[s.j] - t.logit, 600))) AS total,
+                                     max(g.ls[s.j] - t.logit) AS over
+                              FROM score_logits g) z
             ),
             -- embedding: with task embed, each sequence's residual stream after block layer, or after the last and
             -- ln_f when layer is NULL, averaged over its positions (pgvector's avg: sums in float8)

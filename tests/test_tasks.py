@@ -22,15 +22,17 @@ def model(load_tiny):
     return load_tiny("task_tiny", **SHAPE)
 
 
-def same(got: list, want: list) -> None:
-    """Tokens, steps and bytes equal; probabilities and log-probabilities within TOL."""
+def same(got: list, want: list, temperature: float = 1.0) -> None:
+    """Tokens, steps and bytes equal; probabilities and log-probabilities within TOL (log-probabilities are logits /
+    temperature, so their fp32 noise grows as the temperature falls: compared in logit units)."""
     assert [(t.step, t.token, t.bytes) for t in got] == [(t.step, t.token, t.bytes) for t in want]
-    np.testing.assert_allclose([t.prob for t in got], [t.prob for t in want], rtol=TOL)
+    np.testing.assert_allclose([t.prob for t in got], [t.prob for t in want], rtol=TOL, atol=1e-300)
     for g, w in zip(got, want):
         assert (g.top is None) == (w.top is None)
         if g.top is not None:
             assert [t for t, _ in g.top] == [t for t, _ in w.top]
-            np.testing.assert_allclose([lp for _, lp in g.top], [lp for _, lp in w.top], rtol=TOL, atol=TOL)
+            np.testing.assert_allclose([lp * temperature for _, lp in g.top], [lp * temperature for _, lp in w.top],
+                                       rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95, 1.0])
@@ -276,3 +278,33 @@ def test_cli_bad_options_are_one_line_errors(model, args, message):
     r = gpt_sql(*args, "--model", "task_tiny")
     assert r.returncode != 0 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
     assert re.search(message, r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("top_n", [1, 40])
+def test_a_low_temperature_is_no_error(conn, model, top_n):
+    """At temperature 0.001 most logits / temperature lie thousands below the largest: PostgreSQL's exp raises an error
+    where it underflows, NumPy's gives 0, and so must the query (exp0)."""
+    eng = NumpyEngine(model)
+    for prompt in PROMPTS:
+        p = Params(prompt, tokens=8, temperature=0.001, top_n=top_n, seed=1, logprobs=3)
+        same(list(generate_sql(conn, "task_tiny", p)), list(eng.generate(p)), p.temperature)
+
+
+def test_score_with_logits_spread_over_hundreds(conn, load_tiny):
+    """A model whose logits lie hundreds apart: the one-pass sum shifted by the token's logit would overflow, so the
+    query takes its other pass; the log-probabilities are still NumPy's."""
+    from tiny import make_checkpoint
+
+    ckpt = make_checkpoint(**SHAPE)
+    ckpt.params["wte"] *= 40  # the logits are products with wte: their spread grows with it
+    from gpt_sql.loader.load import load
+
+    load(conn, ckpt, "task_wide", progress=False)
+    eng = NumpyEngine(ckpt)
+    for text in ("Happy New Year!", "SELECT token FROM tokens"):
+        ids = eng.tokenizer.encode(text)
+        logits = eng.model.logits([eng.eot] + ids, eng.model.new_cache())[:len(ids)]
+        assert (logits.max(axis=-1) - logits.min(axis=-1)).max() > 745  # exp(logit - max) underflows
+        assert (logits.max(axis=-1) - logits[np.arange(len(ids)), ids]).max() > 600  # the shift by the token overflows
+        got, want = score_sql(conn, "task_wide", text), eng.score(text)
+        np.testing.assert_allclose([lp for _, lp in got], [lp for _, lp in want], rtol=TOL, atol=1e-3)
