@@ -264,3 +264,18 @@ def test_bundled_model_matches_numpy(conn):
                    Params("ROMEO:", tokens=40, temperature=0.8, top_n=40, seed=3),
                    Params("First Citizen:\nWe are", tokens=30, temperature=1.0, top_n=5, seed=11)):
         compare(conn, "bundled", ckpt, params)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_helpers_are_inlined(conn, load_tiny, dtype):
+    """gelu, exp0, as_weights and linear are SQL functions the planner must inline: a call per weight row or logit
+    instead costs a function's executor each time (a STRICT exp0, which cannot be inlined, doubled a decode step).
+    EXPLAIN VERBOSE names a function only where it is called. (layer_norm is called: once per position and layer.)"""
+    name = "tiny_a" if dtype == "float32" else "tiny_a_f16"
+    load_tiny(name, dtype=dtype, **SHAPES["tiny_a"])
+    for variant, settings in (("generate", {}), ("score", {"gpt.task": "score"})):
+        with conn.transaction():
+            prepare(conn, name, {**Params("Happy New Year!", tokens=3).settings(), **settings}, None)
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (VERBOSE) " + queries.query(variant)))
+        for helper in ("gelu(", "exp0(", "as_weights(", "linear("):
+            assert helper not in plan, f"{helper} is called, not inlined, in the {variant} query ({dtype})"
