@@ -12,7 +12,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -36,74 +36,44 @@ USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, Load
                inspect_view.InspectViewError, BatchFileError)
 
 
+T = TypeVar("T")
+
+
 class UsageError(Exception):
     pass
 
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def checked(parse: Callable[[str], T], ok: Callable[[T], bool], rule: str, kind: str) -> Callable[[str], T]:
+    """An argparse type: the text parsed as `kind`, and refused in one line unless `ok`, saying the rule."""
+    def convert(s: str) -> T:
+        try:
+            v = parse(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {s!r}")
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{rule}, got {s}")
+        return v
+    return convert
 
 
-def temperature(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
-    return v
+positive_int = checked(int, lambda v: v >= 1, "must be at least 1", "a whole number")
+non_negative_int = checked(int, lambda v: v >= 0, "must be at least 0", "a whole number")
+seed_int = checked(int, lambda v: -2**63 <= v < 2**63, "must fit in 64 bits (PostgreSQL bigint)", "a whole number")
+temperature = checked(float, lambda v: v > 0 and math.isfinite(v), "must be a positive finite number", "a number")
+timeout_seconds = temperature  # the same rule: a positive finite number
+top_p = checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]", "a number")
 
 
-def top_p(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
-    return v
+def nonempty(what: str) -> Callable[[str], str]:
+    """An argparse type for text that must not be empty (a stop string, a choice): `prompt_text`'s rules besides."""
+    def convert(s: str) -> str:
+        if not s:
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        return prompt_text(s)
+    return convert
 
 
-def non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
-    return v
-
-
-def stop_text(s: str) -> str:
-    if not s:
-        raise argparse.ArgumentTypeError("a stop string must not be empty")
-    return prompt_text(s)
-
-
-def choice_text(s: str) -> str:
-    if not s:
-        raise argparse.ArgumentTypeError("a choice must not be empty")
-    return prompt_text(s)
-
-
-def timeout_seconds(s: str) -> float:
-    return temperature(s)  # the same rule: a positive finite number
-
-
-def seed_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}")
-    if not -2**63 <= v < 2**63:
-        raise argparse.ArgumentTypeError(f"must fit in 64 bits (PostgreSQL bigint), got {v}")
-    return v
+stop_text, choice_text = nonempty("a stop string"), nonempty("a choice")
 
 
 def prompt_text(s: str) -> str:
