@@ -33,13 +33,21 @@ EMBEDDED_SETTINGS = {
     "max_parallel_workers_per_gather": "0",  # a recursive query cannot use parallel workers
 }
 # glibc's malloc in the embedded server's processes (read at process start, so set when the server starts): every
-# allocation from the heap, none through mmap, and freed memory kept for reuse instead of returned to the OS. A
-# decode step copies the KV cache through its CTE scans, sorts and aggregates many times (37 MB at 490 tokens), in
-# chunks of megabytes; by default each such chunk is mmapped and unmapped again, so every copy lands on fresh
-# pages the kernel must fault in and zero. Decode step after 490 tokens (bench.py): 0.45 s -> 0.39 s; alone, a
-# trim threshold is worse (it fixes glibc's mmap threshold at 128 KB). The price: a backend keeps its peak memory
-# (about 1.6 GB after a 490-token prompt) until it exits.
-SERVER_GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+# allocation of 512 KB or more mapped on its own and unmapped when freed, so that a backend idle in an application's
+# pool gives back what a long prompt took. Measured with `bench/long_generation.py --prompt-tokens 490 --tokens 16
+# --runs 2` (124M fp32, interleaved, private memory kept after the call; docs/performance.md): this setting keeps
+# 66-86 MB, decode step 0.260-0.364 s (median 0.27); glibc's defaults keep 292-307 MB (0.246-0.280 s); a 1 MB
+# threshold 120-127 MB; the setting before (mmap_max=0 and no trim, chosen when every step copied the whole KV
+# cache) kept 1 GB until the connection closed, for 0.269-0.296 s.
+SERVER_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=524288"
+
+
+def server_glibc_tunables() -> str:
+    """SERVER_GLIBC_TUNABLES, or GPT_SQL_SERVER_GLIBC_TUNABLES when that is set (even empty: glibc's defaults),
+    to benchmark another setting; read when the embedded server starts."""
+    return os.environ.get("GPT_SQL_SERVER_GLIBC_TUNABLES", SERVER_GLIBC_TUNABLES)
+
+
 # Per-session settings for every generation; work_mem holds the KV cache of the recursive state in memory.
 # client_connection_check_interval: a client that dies (kill -9, lost network) mid-query otherwise leaves the
 # backend computing until it next sends a row, which for a long prefill is minutes.
@@ -356,15 +364,16 @@ def system_user() -> str | None:
 
 @contextmanager
 def _server_environment():
-    """The environment the embedded server starts with (pg_ctl passes ours on): SERVER_GLIBC_TUNABLES after any
-    tunables already set."""
-    before = os.environ.get("GLIBC_TUNABLES")
-    os.environ["GLIBC_TUNABLES"] = f"{before}:{SERVER_GLIBC_TUNABLES}" if before else SERVER_GLIBC_TUNABLES
+    """The environment the embedded server starts with (pg_ctl passes ours on): the server's glibc tunables
+    (server_glibc_tunables) after any tunables already set."""
+    before, ours = os.environ.get("GLIBC_TUNABLES"), server_glibc_tunables()
+    if ours:
+        os.environ["GLIBC_TUNABLES"] = f"{before}:{ours}" if before else ours
     try:
         yield
     finally:
         if before is None:
-            del os.environ["GLIBC_TUNABLES"]
+            os.environ.pop("GLIBC_TUNABLES", None)
         else:
             os.environ["GLIBC_TUNABLES"] = before
 

@@ -1,6 +1,7 @@
 """Memory sized to the model: the embedded server's shared_buffers follow the loaded models within the machine's
-memory, a load that cannot fit is refused in one line before any tensor is read, and a model larger than
-shared_buffers still generates (through the OS cache)."""
+memory, a load that cannot fit is refused in one line before any tensor is read, a model larger than
+shared_buffers still generates (through the OS cache), and a backend gives back the memory of a long prompt's call
+instead of keeping it while it idles in an application's pool."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -20,8 +23,9 @@ from gpt_sql.loader.hf_format import write_hf
 from gpt_sql.runner.db import (MB, SharedBuffers, cgroup_memory_limit, memory_bytes, models_bytes, shared_buffers_mb,
                                system_user)
 from gpt_sql.runner.engine import NumpyEngine, Params
+from gpt_sql.runner.tokenizer import Tokenizer
 from test_cli import gpt_sql
-from tiny import make_checkpoint
+from tiny import TRAIN_TEXT, make_checkpoint
 
 GB = 1024 * MB
 TINY = dict(n_embd=32, n_head=2, n_layer=2, n_ctx=64, seed=11)
@@ -203,3 +207,79 @@ def test_a_load_that_cannot_fit_is_refused_in_one_line_before_reading(conn, tmp_
     assert r.stderr.startswith("gpt-sql: error: loading this model takes about ")
     assert "GB of disk in the database" in r.stderr and "is free there" in r.stderr
     assert not conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'too_big%'").fetchone()[0]
+
+
+# --- a pooled backend gives back the memory of a long prompt ----------------------------------------------------
+
+# A context long enough for a prompt whose KV cache and query working memory take tens of MB: 4 layers of 256
+# dimensions keep 8 KB of keys and values a position, copied several times by the query.
+LONG_CONTEXT = dict(n_embd=256, n_head=4, n_layer=4, n_ctx=1024, seed=14)
+LONG_PROMPT_TOKENS = 900
+# What a backend may keep after the long call beyond what it kept after short ones. Measured with
+# `GPT_SQL_SERVER_GLIBC_TUNABLES=... python -m pytest -s tests/test_memory.py -k gives_back` (MB after the short
+# calls, at the long call's peak, idle after it): the setting the embedded server had before (mmap_max=0, no trim)
+# kept the peak, 63 / 319 / 319, so 256 MB more, and fails; runner/db.py's SERVER_GLIBC_TUNABLES gives it back,
+# 22 / 268 / 23.
+GIVES_BACK_MB = 32
+
+
+def private_mb(pid: int) -> float | None:
+    """A server process's private memory (RssAnon: its heap; not the shared buffers it has read, which
+    Private_Dirty counts too when no other process has mapped them), or None where /proc cannot tell."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakPrivate:
+    """A process's private memory, polled for its peak while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, private_mb(self.pid) or 0.0)
+
+    def __enter__(self) -> "PeakPrivate":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def long_prompt(tokenizer: Tokenizer, n_tokens: int) -> str:
+    """A prompt of about n_tokens tokens (at most that many): the training text repeated, cut at a token."""
+    ids = tokenizer.encode(TRAIN_TEXT * (n_tokens // 50 + 1))[:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def test_a_backend_gives_back_the_memory_of_a_long_prompt(dsn, load_tiny):
+    """A pool's connection runs short calls, then one on a long prompt, then idles: its backend's private memory
+    falls back near where the short calls left it, instead of keeping the long call's peak until it exits."""
+    ckpt = load_tiny("memory_long", **LONG_CONTEXT)
+    prompt = long_prompt(Tokenizer(ckpt.encoder, ckpt.merges), LONG_PROMPT_TOKENS)
+    complete = "SELECT memory_long.complete(%s, 2, 1, 1)"
+    with psycopg.connect(dsn, autocommit=True) as c:  # a backend of its own, as a pool's connection has
+        pid = c.info.backend_pid
+        if private_mb(pid) is None:
+            pytest.skip("the server's processes cannot be read in /proc here")
+        for _ in range(3):  # the first call plans the function; the next ones show what a backend keeps
+            c.execute(complete, ["Happy New Year!"]).fetchone()
+        short = private_mb(pid)
+        with PeakPrivate(pid) as during:
+            c.execute(complete, [prompt]).fetchone()
+        time.sleep(0.5)
+        idle = private_mb(pid)
+    print(f"private memory: {short:.0f} MB after short calls, {during.peak:.0f} MB at the long call's peak, "
+          f"{idle:.0f} MB idle after it")
+    assert during.peak - short > 3 * GIVES_BACK_MB, "the long call no longer takes memory enough to tell"
+    assert idle - short <= GIVES_BACK_MB, (short, during.peak, idle)
