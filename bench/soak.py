@@ -429,7 +429,7 @@ def backends_table(outcomes: list[Outcome], idle: dict[int, float | None]) -> tu
         worst = max([worst, *a, end or 0.0])
         lines.append(f"| {pid} | {calls[pid]} | {statistics.median(a) if a else float('nan'):.0f} | "
                      f"{max(a) if a else float('nan'):.0f} | "
-                     f"{'gone (its client went away)' if end is None else f'{end:.0f}'} |")
+                     f"{'gone (closed by the pool or its client)' if end is None else f'{end:.0f}'} |")
     return lines, worst
 
 
