@@ -101,15 +101,27 @@ def numpy_timings(engine: NumpyEngine, prompt: str, n_new: int) -> tuple[list[fl
     return timed(engine.generate(Params(prompt, tokens=n_new, top_n=1)))
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """A process's peak resident memory (VmHWM), on Linux."""
+def status_mb(pid: int, field: str) -> float | None:
+    """A memory figure of a process from /proc/PID/status (kB there), in MB, on Linux; None where it cannot be read."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """A process's peak resident memory (VmHWM)."""
+    return status_mb(pid, "VmHWM")
+
+
+def private_mb(pid: int) -> float | None:
+    """A process's private memory now (RssAnon: its heap and other anonymous memory). Not Private_Dirty, which also
+    counts the pages of the shared buffers that no other process has mapped: after one call on a 124M model, 650 MB
+    of weights that this backend alone has read."""
+    return status_mb(pid, "RssAnon")
 
 
 def backend_peak_rss_mb(conn) -> float | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import peak_rss_mb, prompt_of  # noqa: E402
+from bench import peak_rss_mb, private_mb, prompt_of  # noqa: E402
 
 from gpt_sql.runner import queries  # noqa: E402
 from gpt_sql.runner.db import connect  # noqa: E402
@@ -46,19 +46,6 @@ def page_faults(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def private_mb(pid: int) -> float | None:
-    """A process's private memory now (RssAnon: its heap and other anonymous memory), in MB, on Linux. Not
-    Private_Dirty, which also counts the pages of the shared buffers that no other process has mapped: after one
-    call on a 124M model, 650 MB of weights that this backend alone has read."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def server_tunables(conn: psycopg.Connection) -> str | None:

@@ -40,7 +40,7 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import model  # noqa: E402
+from bench import model, private_mb  # noqa: E402
 from throughput import prompts_of  # noqa: E402
 
 from gpt_sql.loader.load import drop, load  # noqa: E402
@@ -232,17 +232,6 @@ def references(conn: psycopg.Connection, calls: list[Call]) -> dict[Spec, list]:
 
 # --- memory ------------------------------------------------------------------------------------------------------
 
-def anon_mb(pid: int) -> float | None:
-    """A process's private memory (RssAnon: its heap; not the shared buffers it has read), on Linux."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def parent_of(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -252,10 +241,10 @@ def parent_of(pid: int) -> int | None:
 
 def server_anon_mb(postmaster: int) -> float:
     """The server's private memory: RssAnon of the postmaster and every process it started, summed."""
-    total = anon_mb(postmaster) or 0.0
+    total = private_mb(postmaster) or 0.0
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and parent_of(int(d.name)) == postmaster:
-            total += anon_mb(int(d.name)) or 0.0
+            total += private_mb(int(d.name)) or 0.0
     return total
 
 
@@ -342,12 +331,12 @@ class Soak:
     def completed(self, call: Call, result: list, pid: int, seconds: float) -> Outcome:
         if result != self.expected_of(call.spec):
             return Outcome(call, "unexpected", seconds, "different tokens than alone", pid)
-        return Outcome(call, "ok", seconds, "", pid, anon_mb(pid) if call.mode in ("normal", "timeout") else None)
+        return Outcome(call, "ok", seconds, "", pid, private_mb(pid) if call.mode in ("normal", "timeout") else None)
 
     def prefix(self, call: Call, got: list, pid: int | None, seconds: float, why: str) -> Outcome:
         if got != self.expected_of(call.spec)[:len(got)]:
             return Outcome(call, "unexpected", seconds, f"{why}, after rows that differ from alone", pid)
-        return Outcome(call, "cancelled", seconds, why, pid, anon_mb(pid) if pid and why != "client gone" else None)
+        return Outcome(call, "cancelled", seconds, why, pid, private_mb(pid) if pid and why != "client gone" else None)
 
     def client_gone(self, call: Call, got: list, pid: int | None, seconds: float) -> Outcome:
         if pid is not None and not self.backend_gone(pid):
@@ -479,7 +468,7 @@ def main() -> int:
     log = pgdata_dir() / "log" if embedded else None
     log_start = log.stat().st_size if log and log.exists() else 0
     started = conn.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
-    postmaster = parent_of(conn.info.backend_pid) if anon_mb(conn.info.backend_pid) is not None else None
+    postmaster = parent_of(conn.info.backend_pid) if private_mb(conn.info.backend_pid) is not None else None
     shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
 
     tokenizer = Tokenizer(*read_vocabulary(conn, SCHEMA))
@@ -501,7 +490,7 @@ def main() -> int:
             wall = run_soak(soak, calls, a.minutes, a.pool_size)
         time.sleep(3)  # idle: what the backends keep
         pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [APP])]
-        idle = {pid: anon_mb(pid) for pid in pids}
+        idle = {pid: private_mb(pid) for pid in pids}
         server_idle = server_anon_mb(postmaster) if postmaster else None
     finally:
         pool.close()

@@ -29,7 +29,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import model, prompt_of  # noqa: E402
+from bench import model, private_mb, prompt_of  # noqa: E402
 
 from gpt_sql.loader.checkpoint import DTYPES, as_dtype  # noqa: E402
 from gpt_sql.loader.load import load  # noqa: E402
@@ -61,17 +61,6 @@ def prompts_of(tokenizer: Tokenizer, n: int, shortest: int = 5, longest: int = 6
     return out
 
 
-def private_mb(pid: int) -> float:
-    """A process's private resident memory now (RssAnon: not the shared buffers it has touched), on Linux."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 class PeakMemory:
     """The peak private memory of each backend in `pids` (which may grow), polled while the block runs; `total`:
     their peaks, summed."""
@@ -85,7 +74,7 @@ class PeakMemory:
     def _poll(self) -> None:
         while True:
             for pid in list(self.pids):
-                self.peaks[pid] = max(self.peaks.get(pid, 0.0), private_mb(pid))
+                self.peaks[pid] = max(self.peaks.get(pid, 0.0), private_mb(pid) or 0.0)
             if self._stop.wait(0.02):
                 return
 
