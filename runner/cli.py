@@ -442,6 +442,12 @@ def parser() -> argparse.ArgumentParser:
                                          "else a private embedded server)")
         return p
 
+    def engine_options(p: argparse.ArgumentParser) -> None:
+        """Where a command computes (the query, or the NumPy reference on the same weights), and its time limit."""
+        p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
+        p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
+        p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+
     p = add("run", cmd_run, "generate a completion, streamed as it is computed; or many (--batch)")
     p.add_argument("prompt", nargs="?", type=prompt_text, help="the prompt ('' starts from <|endoftext|>)")
     p.add_argument("--batch", metavar="FILE",
@@ -461,28 +467,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, help="seed of the draws (default: random, shown with --json; with "
                                                 "--batch, each prompt's unless its line gives one)")
     p.add_argument("--model", help="model (schema) name; default: the loaded model")
-    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
-    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
     p.add_argument("--json", action="store_true", help="print one JSON object: prompt_tokens, tokens, text, seed")
-    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+    engine_options(p)
 
     p = add("score", cmd_score, "each token's log-probability given the text before it (the first given "
                                  "<|endoftext|>), and the text's perplexity, computed in SQL")
     p.add_argument("text", type=prompt_text)
     p.add_argument("--model", help="model (schema) name; default: the loaded model")
     p.add_argument("--json", action="store_true", help="print one JSON object: tokens, logprobs, perplexity")
-    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
-    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
-    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+    engine_options(p)
 
     p = add("embed", cmd_embed, "the text's embedding: its residual stream after the last block and ln_f (or after "
                                  "--layer), averaged over its positions, computed in SQL; printed as a JSON array")
     p.add_argument("text", type=prompt_text)
     p.add_argument("--layer", type=int, help="after this block (0 = the first) instead of after the last and ln_f")
     p.add_argument("--model", help="model (schema) name; default: the loaded model")
-    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
-    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
-    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+    engine_options(p)
 
     p = add("classify", cmd_classify, "the probability of each choice following the text (the product of its tokens' "
                                        "probabilities, normalised over the choices), computed in SQL")
@@ -490,9 +490,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--choices", nargs="+", required=True, type=choice_text, metavar="CHOICE")
     p.add_argument("--model", help="model (schema) name; default: the loaded model")
     p.add_argument("--json", action="store_true", help="print one JSON object: choice -> probability")
-    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
-    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
-    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+    engine_options(p)
 
     p = add("next", cmd_next, "the most likely next tokens and their probabilities, computed in SQL")
     p.add_argument("prompt", type=prompt_text)
@@ -511,9 +509,7 @@ def parser() -> argparse.ArgumentParser:
                         "lens[layer][position] = {token, prob}")
     p.add_argument("--png", metavar="FILE", help="draw the attention maps and the lens into a PNG (needs matplotlib: "
                                                 "the [png] extra)")
-    p.add_argument("--engine", choices=("sql", "numpy"), default="sql", help="where to compute (default sql)")
-    p.add_argument("--checkpoint", help="with --engine numpy: read this checkpoint dir instead of the database")
-    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+    engine_options(p)
 
     p = add("tokenize", cmd_tokenize, "token ids of a text, from the SQL tokenizer")
     p.add_argument("text", nargs="?", type=prompt_text)
