@@ -401,16 +401,20 @@ def calls_table(outcomes: list[Outcome]) -> list[str]:
 
 
 def backends_table(outcomes: list[Outcome], idle: dict[int, float | None]) -> tuple[list[str], float]:
-    """Each pooled backend: its calls, its private memory after them (the largest), and idle at the end."""
+    """Each pooled backend: its calls, its private memory after them (the largest, and the call that left it), and
+    idle at the end."""
     after: dict[int, list[float]] = defaultdict(list)
+    largest: dict[int, Outcome] = {}
     calls: Counter = Counter()
     for o in outcomes:
         if o.pid is not None:
             calls[o.pid] += 1
             if o.anon_mb is not None:
                 after[o.pid].append(o.anon_mb)
-    lines = ["| backend pid | calls | private MB after its calls: median | largest | idle at the end |",
-             "|---:|---:|---:|---:|---:|"]
+                if o.pid not in largest or o.anon_mb > (largest[o.pid].anon_mb or 0.0):
+                    largest[o.pid] = o
+    lines = ["| backend pid | calls | private MB after its calls: median | largest | after which call | "
+             "idle at the end |", "|---:|---:|---:|---:|---|---:|"]
     worst = 0.0
     for pid in sorted(calls):
         a = after.get(pid, [])
@@ -418,6 +422,7 @@ def backends_table(outcomes: list[Outcome], idle: dict[int, float | None]) -> tu
         worst = max([worst, *a, end or 0.0])
         lines.append(f"| {pid} | {calls[pid]} | {statistics.median(a) if a else float('nan'):.0f} | "
                      f"{max(a) if a else float('nan'):.0f} | "
+                     f"{largest[pid].call.label if pid in largest else ''} | "
                      f"{'gone (closed by the pool or its client)' if end is None else f'{end:.0f}'} |")
     return lines, worst
 

@@ -514,32 +514,35 @@ generate AS (
                 ORDER BY s.seq, s.rank
             ),
             -- scored: with task score, or classify's choices, each new position's log-probability of the input token
-            -- after it (a sequence's last position has none): log softmax of its logits (temperature 1). One scan
-            -- of wte gives every scored position's logits (score_logits: an array per token, ls[j])
+            -- after it (a sequence's last position has none): log softmax of its logits (temperature 1), that is
+            -- -ln(sum over the vocabulary of exp(logit - the token's logit)). One scan of wte takes every scored
+            -- position's sum at once (score_sums): per token a vector of its terms, one per position, which pgvector's
+            -- avg sums in float8 (sum = n_vocab * mean). A term is at most e^80, which a vector's float4 holds: a sum
+            -- of e^79 or more may hold a cut term, and that position is summed again exactly, shifted by its largest
+            -- logit (a token that unlikely; the pass costs a scan of wte)
             scored_x AS MATERIALIZED (
-                SELECT row_number() OVER (ORDER BY i.r) AS j, i.seq, nx.pos, nx.token,
-                       as_weights(layer_norm(b.vs[i.r], ln_f.g, ln_f.b)) AS x
-                FROM inputs i JOIN inputs nx ON nx.seq = i.seq AND nx.r = i.r + 1 JOIN live l ON l.seq = i.seq,
-                     blocks b, ln_f, params p
+                SELECT row_number() OVER (ORDER BY i.r) AS j, i.seq, nx.pos, nx.token, x.x,
+                       inner_product(x.x, w.w) AS logit
+                FROM inputs i JOIN inputs nx ON nx.seq = i.seq AND nx.r = i.r + 1 JOIN live l ON l.seq = i.seq
+                     JOIN wte w ON w.id = nx.token, blocks b, ln_f, params p,
+                     LATERAL (SELECT as_weights(layer_norm(b.vs[i.r], ln_f.g, ln_f.b)) AS x) x
                 WHERE (p.task = 'score' OR p.task = 'classify' AND l.i > 1) AND b.kind = 'x' AND b.layer = p.n_layer
             ),
-            score_logits AS MATERIALIZED (
-                SELECT wte.id,
-                       ARRAY(SELECT inner_product(unnest((SELECT array_agg(x ORDER BY j) FROM scored_x)), wte.w)) AS ls
-                FROM wte WHERE EXISTS (SELECT FROM scored_x) ORDER BY wte.id
+            score_sums AS MATERIALIZED (
+                SELECT avg(ARRAY(SELECT exp0(least(inner_product(u.x, wte.w) - u.logit, 80))
+                                 FROM unnest((SELECT array_agg(x ORDER BY j) FROM scored_x),
+                                             (SELECT array_agg(logit ORDER BY j) FROM scored_x)) AS u(x, logit)
+                                )::vector)::real[] AS mean,
+                       count(*) AS n
+                FROM wte WHERE EXISTS (SELECT FROM scored_x)
             ),
-            -- the log-probability is -ln(sum(exp(logit - the token's logit))): one pass per position. Should any
-            -- logit be over 600 above the token's (exp would overflow), the pass shifted by the largest instead
             scored AS (
                 SELECT s.seq, s.pos, s.token,
-                       CASE WHEN z.over <= 600 THEN -ln(z.total)
-                            ELSE (SELECT t.logit - m.max - ln(sum(exp0(g.ls[s.j] - m.max)))
-                                  FROM score_logits g, (SELECT max(g.ls[s.j]) AS max FROM score_logits g) m
+                       CASE WHEN z.total < exp(79) THEN -ln(z.total)
+                            ELSE (SELECT s.logit - m.max - ln(sum(exp0(inner_product(s.x, w.w) - m.max)))
+                                  FROM wte w, (SELECT max(inner_product(s.x, w.w)) AS max FROM wte w) m
                                   GROUP BY m.max) END AS logprob
-                FROM scored_x s, LATERAL (SELECT inner_product(s.x, w.w) AS logit FROM wte w WHERE w.id = s.token) t,
-                     LATERAL (SELECT sum(exp0(least(g.ls[s.j] - t.logit, 600))) AS total,
-                                     max(g.ls[s.j] - t.logit) AS over
-                              FROM score_logits g) z
+                FROM scored_x s, LATERAL (SELECT m.mean[s.j] * m.n AS total FROM score_sums m) z
             ),
             -- embedding: with task embed, each sequence's residual stream after block layer, or after the last and
             -- ln_f when layer is NULL, averaged over its positions (pgvector's avg: sums in float8)

@@ -291,8 +291,9 @@ def test_a_low_temperature_is_no_error(conn, model, top_n):
 
 
 def test_score_with_logits_spread_over_hundreds(conn, load_tiny):
-    """A model whose logits lie hundreds apart: the one-pass sum shifted by the token's logit would overflow, so the
-    query takes its other pass; the log-probabilities are still NumPy's."""
+    """A model whose logits lie hundreds apart: the one pass over wte, its terms exp(logit - the token's logit) held
+    at most e^80 (a vector's float4), cannot sum them, so the query sums those positions again shifted by their
+    largest logit; the log-probabilities are still NumPy's."""
     from tiny import make_checkpoint
 
     ckpt = make_checkpoint(**SHAPE)
@@ -305,6 +306,6 @@ def test_score_with_logits_spread_over_hundreds(conn, load_tiny):
         ids = eng.tokenizer.encode(text)
         logits = eng.model.logits([eng.eot] + ids, eng.model.new_cache())[:len(ids)]
         assert (logits.max(axis=-1) - logits.min(axis=-1)).max() > 745  # exp(logit - max) underflows
-        assert (logits.max(axis=-1) - logits[np.arange(len(ids)), ids]).max() > 600  # the shift by the token overflows
+        assert (logits.max(axis=-1) - logits[np.arange(len(ids)), ids]).max() > 600  # terms over e^80: the pass over wte cuts them
         got, want = score_sql(conn, "task_wide", text), eng.score(text)
         np.testing.assert_allclose([lp for _, lp in got], [lp for _, lp in want], rtol=TOL, atol=1e-3)
