@@ -32,14 +32,17 @@ EMBEDDED_SETTINGS = {
     "jit": "off",  # the embedded build has no LLVM; elsewhere JIT compiles this query for seconds and gains nothing
     "max_parallel_workers_per_gather": "0",  # a recursive query cannot use parallel workers
 }
-# glibc's malloc in the embedded server's processes (read at process start, so set when the server starts): every
-# allocation of 512 KB or more mapped on its own and unmapped when freed, so that a backend idle in an application's
-# pool gives back what a long prompt took. Measured with `bench/long_generation.py --prompt-tokens 490 --tokens 16
-# --runs 2` (124M fp32, interleaved, private memory kept after the call; docs/performance.md): this setting keeps
-# 66-86 MB, decode step 0.260-0.364 s (median 0.27); glibc's defaults keep 292-307 MB (0.246-0.280 s); a 1 MB
-# threshold 120-127 MB; the setting before (mmap_max=0 and no trim, chosen when every step copied the whole KV
-# cache) kept 1 GB until the connection closed, for 0.269-0.296 s.
-SERVER_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=524288"
+# glibc's malloc in the embedded server's processes (read at process start, so set when the server starts), so that
+# a backend idle in an application's pool gives back what a long prompt took:
+# - mmap_threshold: an allocation of 512 KB or more is mapped on its own and unmapped when freed;
+# - tcache_count=0: no per-thread cache of small freed chunks. Cached chunks are never merged, and one high in the
+#   heap stops glibc trimming it: twelve batched calls on one connection grew the backend 28 -> 77 MB with the cache,
+#   stayed at 36 MB without. In bench/soak.py's pool a backend kept at most 83 MB after a call (123 MB with it).
+# `python bench/glibc_settings.py` compares settings (docs/performance.md): this one keeps 39 MB after a 490-token
+# call, decode within noise; it costs a 10-token prefill 0.5 s (1.08-1.11 s against 0.54 with the setting before,
+# mmap_max=0 and no trim, which kept 1 GB; glibc's defaults keep 223 MB). Transparent huge pages for the mappings
+# (hugetlb=1) halve that cost but the heap gets them too: 113 MB in the soak.
+SERVER_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=524288:glibc.malloc.tcache_count=0"
 
 
 def server_glibc_tunables() -> str:
