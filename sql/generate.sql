@@ -473,15 +473,17 @@ generate AS (
                               WHERE g.logit >= bound.logit
                               ORDER BY g.logit DESC, g.id LIMIT n.n) t
             ),
-            -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass
+            -- softmax over the whole vocabulary, shifted by the largest logit (the first of top): one more pass, over
+            -- whichever of logits and batch_logits has rows (the sum of none is NULL; a UNION ALL of the two costs a
+            -- call per row). OFFSET 0 sums once per sequence: flattened into the join, m.total would be summed at each
+            -- of its uses
             probs AS (
                 SELECT t.seq, t.id, t.rank, exp0(t.logit - m.max) AS e, exp0(t.logit - m.max) / m.total AS prob,
                        t.logit - m.max - ln(m.total) AS logprob
                 FROM top t JOIN (SELECT t.seq, t.logit AS max,
-                                        (SELECT sum(exp0(g.logit - t.logit))
-                                         FROM (SELECT logit FROM logits UNION ALL SELECT ls[t.seq] FROM batch_logits) g)
-                                            AS total
-                                 FROM top t WHERE t.rank = 1) m ON m.seq = t.seq
+                                        coalesce((SELECT sum(exp0(logit - t.logit)) FROM logits),
+                                                 (SELECT sum(exp0(ls[t.seq] - t.logit)) FROM batch_logits)) AS total
+                                 FROM top t WHERE t.rank = 1 OFFSET 0) m ON m.seq = t.seq
             ),
             -- top_logprobs: with logprobs k, each sequence's k likeliest tokens and their log-probabilities
             top_logprobs AS (
