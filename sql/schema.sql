@@ -88,6 +88,9 @@ CREATE FUNCTION columns_of(m real[]) RETURNS vector[]
                  ORDER BY j)
 $$;
 
+-- vector_cat: vectors end to end, in the aggregate's order (a several-position linear's output from its tiles)
+CREATE AGGREGATE vector_cat(vector) (SFUNC = vector_concat, STYPE = vector);
+
 -- head_cache: one attention head's KV cache in the query's recursive state: its keys, one hd-vector per position,
 -- and its values transposed, one vector over the positions per column.
 CREATE TYPE head_cache AS (k vector[], v vector[]);
