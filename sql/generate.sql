@@ -521,7 +521,9 @@ generate AS (
             -- position's sum at once (score_sums): per token a vector of its terms, one per position, which pgvector's
             -- avg sums in float8 (sum = n_vocab * mean). A term is at most e^80, which a vector's float4 holds: a sum
             -- of e^79 or more may hold a cut term, and that position is summed again exactly, shifted by its largest
-            -- logit (a token that unlikely; the pass costs a scan of wte)
+            -- logit (a token that unlikely; the pass costs a scan of wte). A term below e^-745 (where exp underflows,
+            -- an error in PostgreSQL) is taken as e^-745, which the vector's float4 holds as 0, as it would exp0's 0:
+            -- exp0, inlined, reads its argument twice, so it took each product twice (a third of the pass)
             scored_x AS MATERIALIZED (
                 SELECT row_number() OVER (ORDER BY i.r) AS j, i.seq, nx.pos, nx.token, x.x,
                        inner_product(x.x, w.w) AS logit
@@ -531,7 +533,7 @@ generate AS (
                 WHERE (p.task = 'score' OR p.task = 'classify' AND l.i > 1) AND b.kind = 'x' AND b.layer = p.n_layer
             ),
             score_sums AS MATERIALIZED (
-                SELECT avg(ARRAY(SELECT exp0(least(inner_product(u.x, wte.w) - u.logit, 80))
+                SELECT avg(ARRAY(SELECT exp(greatest(least(inner_product(u.x, wte.w) - u.logit, 80), -745))
                                  FROM unnest((SELECT array_agg(x ORDER BY j) FROM scored_x),
                                              (SELECT array_agg(logit ORDER BY j) FROM scored_x)) AS u(x, logit)
                                 )::vector)::real[] AS mean,
