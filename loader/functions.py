@@ -69,9 +69,10 @@ FUNCTIONS = [
 ]
 
 
-def function_body(f: Function) -> str:
-    """The query variant with the function's arguments where the settings were, returning `columns` of its own."""
-    query = queries.query(f.variant)
+def function_body(f: Function, base: str | None = None) -> str:
+    """The query variant with the function's arguments where the settings were, returning `columns` of its own
+    (of `base`, another version of sql/generate.sql, if given)."""
+    query = queries.query(f.variant, base)
     unknown = set(f.settings) - set(SETTINGS)
     if unknown:
         raise RuntimeError(f"{f.name}: no setting {', '.join(sorted(unknown))}")

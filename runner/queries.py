@@ -131,10 +131,10 @@ def generate_sql() -> str:
     return resources.files("gpt_sql.sql").joinpath("generate.sql").read_text(encoding="utf-8")
 
 
-def query(kind: str = "generate") -> str:
+def query(kind: str = "generate", base: str | None = None) -> str:
     """`generate` (one row per new token), `text`, `texts`, `next`, `inspect`, `score`, `perplexity`, `embed`,
-    `classify`, `tokenize` or `ids`."""
-    base = generate_sql()
+    `classify`, `tokenize` or `ids`; of `base` (another version of sql/generate.sql, for benchmarks) if given."""
+    base = generate_sql() if base is None else base
     if kind == "generate":
         return base
     head, sep, _ = base.rpartition(TAIL_MARKER)
