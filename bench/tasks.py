@@ -92,7 +92,7 @@ def main() -> int:
             # what the model's own function has: its search_path and settings
             for key, value in conn.execute(
                     "SELECT split_part(c, '=', 1), substr(c, strpos(c, '=') + 1) FROM pg_proc p, unnest(p.proconfig) c "
-                    "WHERE p.pronamespace = %s::regnamespace AND p.proname = %s LIMIT 20", (a.model, f.name)).fetchall():
+                    "WHERE p.pronamespace = %s::regnamespace AND p.proname = %s", (a.model, f.name)).fetchall():
                 conn.execute(sql.SQL("ALTER FUNCTION pg_temp.{} SET {} = {}").format(
                     name, sql.Identifier(key), sql.SQL(value) if key == "search_path" else sql.Literal(value)))
         runs[f"perplexity, {version}"] = \
