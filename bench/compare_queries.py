@@ -8,7 +8,8 @@ Each argument is a git revision (its sql/generate.sql, from `git show`) or a fil
 turn, so a slow spell of the machine falls on all of them: a greedy generation of --tokens tokens after a prompt of
 exactly --prompt-tokens tokens (--batch copies of it generated together), streamed as the runner streams it, on the
 model `bench_124m` (bench/bench.py leaves it) with the helpers and tables of the current schema (an old query that
-needs what the schema no longer has fails with PostgreSQL's message). Prints per version the decode step of each
+needs what the schema no longer has fails with PostgreSQL's message). With several --model, each version runs on
+each model in turn (the same weights loaded by two versions of the loader, say). Prints per version the decode step of each
 round (the median gap between rows; with --batch, the time after the first step's rows over the steps after it)
 and the backend's CPU time per step, medians over the rounds.
 """
@@ -48,10 +49,11 @@ def backend_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
 
 
-def decode_steps(conn, query: str, settings: dict, pid: int, batch: int, tokens: int) -> tuple[float, float]:
+def decode_steps(conn, model: str, query: str, settings: dict, pid: int, batch: int,
+                 tokens: int) -> tuple[float, float]:
     """(wall seconds, backend CPU seconds) per decode step of one streamed generation."""
     with conn.transaction():
-        prepare(conn, "bench_124m", settings, None)
+        prepare(conn, model, settings, None)
         with conn.cursor(name="compare") as cur:
             cur.execute(query)
             arrivals, cpu_first = [], None
@@ -75,23 +77,27 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=10, help="prompt length in tokens (default 10)")
     ap.add_argument("--tokens", type=int, default=12, help="new tokens per generation (default 12)")
     ap.add_argument("--batch", type=int, default=1, help="copies of the prompt generated together (default 1)")
+    ap.add_argument("--model", action="append", help="a loaded model; repeat for several (default bench_124m)")
     ap.add_argument("--dsn", help="server (default: the embedded one)")
     a = ap.parse_args()
+    models = a.model or ["bench_124m"]
     if a.tokens < 2:
         sys.exit("compare_queries: --tokens must be at least 2 (a decode step follows the first token)")
     queries = {v: query_text(v) for v in a.versions}
     conn = connect(a.dsn)
     pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-    prompt = prompt_of(Tokenizer(*read_vocabulary(conn, "bench_124m")), a.prompt_tokens)
+    prompt = prompt_of(Tokenizer(*read_vocabulary(conn, models[0])), a.prompt_tokens)
     settings = Batch([prompt] * a.batch, tokens=a.tokens, top_n=1).settings()
-    got: dict[str, list[tuple[float, float]]] = {v: [] for v in queries}
+    jobs = {(m, v): q for m in models for v, q in queries.items()}
+    got: dict[tuple[str, str], list[tuple[float, float]]] = {k: [] for k in jobs}
     for _ in range(a.rounds):
-        for v, q in queries.items():
-            got[v].append(decode_steps(conn, q, settings, pid, a.batch, a.tokens))
+        for (m, v), q in jobs.items():
+            got[(m, v)].append(decode_steps(conn, m, q, settings, pid, a.batch, a.tokens))
     print(f"decode step after a {a.prompt_tokens}-token prompt, batch of {a.batch}, {a.rounds} interleaved rounds")
     print(f"| query | wall per step, each round (s) | median (s) | backend CPU per step, median (s) |\n|---|---|---:|---:|")
-    for v, runs in got.items():
-        print(f"| {v} | {', '.join(f'{w:.3f}' for w, _ in runs)} | {statistics.median(w for w, _ in runs):.3f} | "
+    for (m, v), runs in got.items():
+        label = v if len(models) == 1 else f"{m}: {v}"
+        print(f"| {label} | {', '.join(f'{w:.3f}' for w, _ in runs)} | {statistics.median(w for w, _ in runs):.3f} | "
               f"{statistics.median(c for _, c in runs):.3f} |")
     return 0
 

@@ -32,8 +32,7 @@ def check_name(name: str) -> str:
 
 
 def schema_sql(dtype: str = "float32") -> str:
-    """The DDL of one model: schema.sql, then float16.sql for fp16 weights, then weights.sql (whose view takes its
-    columns' types from the tables)."""
+    """The DDL of one model: schema.sql, then float16.sql for fp16 weights, then weights.sql (the linear)."""
     files = ["schema.sql"] + (["float16.sql"] if dtype == "float16" else []) + ["weights.sql"]
     return "\n".join(resources.files("gpt_sql.sql").joinpath(f).read_text(encoding="utf-8") for f in files)
 
@@ -79,19 +78,20 @@ def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tup
             (i, p[f"h.{i}.{ln}.g"], p[f"h.{i}.{ln}.b"]) for i in range(n_layer))
     yield "ln_f", ["vector", "vector"], [(p["ln_f.g"], p["ln_f.b"])]
     for table, name in (("attn_c_attn", "attn.c_attn"), ("attn_c_proj", "attn.c_proj"), ("mlp_c_fc", "mlp.c_fc")):
-        types = ["int4", "int4", "vector", "float4"]
-        yield table, types, page_order(_column_rows(p, name, n_layer), rows_per_page(types, d, ckpt.dtype))
-    types = ["int4", "int4", "int4", "vector", "float4"]
-    yield "mlp_c_proj", types, page_order(_chunked_column_rows(p, ckpt.hparams, width),
-                                          rows_per_page(types, width, ckpt.dtype))
+        yield table, LINEAR_TYPES, page_order(_column_rows(p, name, n_layer),
+                                              rows_per_page(LINEAR_TYPES, d, ckpt.dtype, MATRICES[table]))
+    yield "mlp_c_proj", LINEAR_TYPES, page_order(_chunked_column_rows(p, ckpt.hparams, width),
+                                                 rows_per_page(LINEAR_TYPES, width, ckpt.dtype, MATRICES["mlp_c_proj"]))
 
 
-def rows_per_page(types: list[str], dim: int, dtype: str) -> int:
-    """How many rows of these columns (int4s, one vector of `dim` weights, float4s) PostgreSQL puts on an 8 kB heap
-    page: a 24-byte page header, and per row a 4-byte line pointer and the tuple, 8-byte aligned (a 24-byte header,
-    4 bytes per int4 and float4, the vector's 8-byte header and its weights). Checked against the pages of loaded
-    tables by tests/test_float16.py."""
-    tuple_bytes = 24 + 4 * (len(types) - 1) + 8 + WEIGHT_BYTES[dtype] * dim
+def rows_per_page(types: list[str], dim: int, dtype: str, text: str = "") -> int:
+    """How many rows of these columns (int4s, one vector of `dim` weights, float4s, then `text` if given: a weight
+    row's matrix) PostgreSQL puts on an 8 kB heap page: a 24-byte page header, and per row a 4-byte line pointer and
+    the tuple, 8-byte aligned (a 24-byte header, 4 bytes per int4 and float4, the vector's 8-byte header and its
+    weights, and a short text's 1-byte header and its bytes, unaligned). Checked against the pages of loaded tables
+    by tests/test_float16.py."""
+    text_bytes = 1 + len(text.encode()) if text else 0
+    tuple_bytes = 24 + 4 * (len(types) - 1) + 8 + WEIGHT_BYTES[dtype] * dim + text_bytes
     return max(1, (8192 - 24) // ((tuple_bytes + 7) // 8 * 8 + 4))
 
 
@@ -116,13 +116,20 @@ def _embedding_rows(p: Mapping[str, np.ndarray], name: str) -> Iterator[tuple]:
     yield from enumerate(p[name])
 
 
+# The weights table's partitions (schema.sql) and the matrix each holds; the loader copies (layer, chunk, col, w, b)
+# into them and the partition fills in its matrix
+MATRICES = {"attn_c_attn": "c_attn", "attn_c_proj": "attn_c_proj", "mlp_c_fc": "c_fc", "mlp_c_proj": "mlp_c_proj"}
+LINEAR_COLUMNS = ["layer", "chunk", "col", "w", "b"]
+LINEAR_TYPES = ["int4", "int4", "int4", "vector", "float4"]
+
+
 def _column_rows(p: Mapping[str, np.ndarray], name: str, n_layer: int) -> Iterator[tuple]:
-    """(layer, col, weights of that output column, its bias), a layer's matrix read at a time."""
+    """(layer, chunk 0, col, weights of that output column, its bias), a layer's matrix read at a time."""
     for i in range(n_layer):
         w = np.ascontiguousarray(p[f"h.{i}.{name}.w"].T)
         b = p[f"h.{i}.{name}.b"]
         for col in range(w.shape[0]):
-            yield i, col, w[col], float(b[col])
+            yield i, 0, col, w[col], float(b[col])
         del w, b  # before the next layer's matrix is read
 
 
@@ -164,12 +171,16 @@ def halfvec_tables(cur: psycopg.Cursor, schema: str) -> set[str]:
     return {r[0] for r in cur.fetchall()}
 
 
-def _copy(cur: psycopg.Cursor, table: str, types: list[str], rows: Iterable[tuple], bar: tqdm) -> int:
+def _copy(cur: psycopg.Cursor, table: str, types: list[str], rows: Iterable[tuple], bar: tqdm,
+          columns: list[str] | None = None) -> int:
     from pgvector import HalfVector
 
     n = 0
     halfvec = [t == "halfvec" for t in types]
-    with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(table))) as copy:
+    target = sql.Identifier(table)
+    if columns:
+        target = sql.SQL("{} ({})").format(target, sql.SQL(", ").join(map(sql.Identifier, columns)))
+    with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(target)) as copy:
         copy.set_types(types)
         for row in rows:
             copy.write_row(tuple(HalfVector(v) if h else v for v, h in zip(row, halfvec)) if any(halfvec) else row)
@@ -241,7 +252,7 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
             for table, types, rows in weight_rows(ckpt):
                 if table in halfvec:
                     types = ["halfvec" if t == "vector" else t for t in types]
-                counts[table] = _copy(cur, table, types, rows, bar)
+                counts[table] = _copy(cur, table, types, rows, bar, LINEAR_COLUMNS if table in MATRICES else None)
         verify_counts(cur, counts, expected_counts(ckpt, len(merges)))
         for table in counts:
             cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
@@ -337,7 +348,7 @@ UNION ALL
 SELECT 'table', c.relname, a.grantee, a.privilege_type, a.is_grantable
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
      aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
-WHERE n.nspname = %(s)s AND c.relkind IN ('r', 'v') AND a.grantee <> c.relowner
+WHERE n.nspname = %(s)s AND c.relkind IN ('r', 'p', 'v') AND a.grantee <> c.relowner
 UNION ALL
 SELECT 'function', p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', a.grantee, a.privilege_type, a.is_grantable
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace,
@@ -355,7 +366,7 @@ def copy_privileges(cur: psycopg.Cursor, old: str, new: str) -> None:
 
     before, after = acl(old), acl(new)
     cur.execute("SELECT 'table', relname, relname, NULL FROM pg_class"
-                " WHERE relnamespace = %(s)s::regnamespace AND relkind IN ('r', 'v')"
+                " WHERE relnamespace = %(s)s::regnamespace AND relkind IN ('r', 'p', 'v')"
                 " UNION ALL SELECT 'function', proname || '(' || pg_get_function_identity_arguments(oid) || ')',"
                 " proname, pg_get_function_identity_arguments(oid) FROM pg_proc"
                 " WHERE pronamespace = %(s)s::regnamespace", {"s": new})

@@ -5,10 +5,7 @@
 -- (a new type brings back its default storage: keep the rows inline, as out-of-line rows cost 3 buffer reads each)
 ALTER TABLE wte ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
 ALTER TABLE wpe ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE attn_c_attn ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE attn_c_proj ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE mlp_c_fc ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
-ALTER TABLE mlp_c_proj ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;
+ALTER TABLE weights ALTER COLUMN w TYPE halfvec, ALTER COLUMN w SET STORAGE PLAIN;  -- and its partitions'
 
 DROP FUNCTION as_weights(vector);
 CREATE FUNCTION as_weights(x vector) RETURNS halfvec

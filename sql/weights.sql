@@ -1,14 +1,5 @@
--- gpt-sql: the weight matrices as one view, and the linear that reads them (run after schema.sql and float16.sql:
--- the view takes its columns' types from the tables).
-
--- weights: every linear's rows, one output column each, by matrix: c_attn, attn_c_proj, c_fc, and mlp_c_proj (its
--- inputs in chunks as wide as fit a page; the others' rows hold all their inputs: chunk 0). A query that names the
--- matrix by a constant reads only that matrix's table: the planner drops the other branches
-CREATE VIEW weights AS
-    SELECT 'c_attn'::text AS matrix, layer, 0 AS chunk, col, w, b FROM attn_c_attn
-    UNION ALL SELECT 'attn_c_proj', layer, 0, col, w, b FROM attn_c_proj
-    UNION ALL SELECT 'c_fc', layer, 0, col, w, b FROM mlp_c_fc
-    UNION ALL SELECT 'mlp_c_proj', layer, chunk, col, w, b FROM mlp_c_proj;
+-- gpt-sql: the linear, which reads the weights table (schema.sql), and how many of its rows a tile holds (run after
+-- schema.sql and float16.sql).
 
 -- tile_rows: how many weight rows like `row` one tile of the several-position linear holds: 256 KB of them. A
 -- tile's array, and the blocks array_agg builds it in, stay under the server's malloc mmap threshold (512 KB,

@@ -68,19 +68,17 @@ def test_weight_rows_fill_pages_in_scan_order(conn, loaded, schema, dtype):
     """wte's and the linears' rows fill each heap page (as many as rows_per_page says), and a page's rows in the
     order the query scans them lie in ascending memory: PostgreSQL fills a page from its end, so the loader writes
     each page's rows in reverse, and the last line pointer of a page is its first row."""
-    from gpt_sql.loader.load import rows_per_page
+    from gpt_sql.loader.load import LINEAR_TYPES, MATRICES, rows_per_page
 
-    linear = ["int4", "int4", "vector", "float4"]
-    tables = {"wte": ("id", ["int4", "vector"]), "attn_c_attn": ("layer, col", linear),
-              "attn_c_proj": ("layer, col", linear), "mlp_c_fc": ("layer, col", linear),
-              "mlp_c_proj": ("layer, chunk, col", ["int4"] + linear)}
-    for table, (key, types) in tables.items():
+    tables = {"wte": ("id", ["int4", "vector"], "")}
+    tables.update({t: ("layer, chunk, col", LINEAR_TYPES, m) for t, m in MATRICES.items()})
+    for table, (key, types, matrix) in tables.items():
         rows = conn.execute(f"SELECT (ctid::text::point)[0]::int, (ctid::text::point)[1]::int, vector_dims(w)"
                             f" FROM {schema}.{table} ORDER BY {key}").fetchall()
         pages: dict[int, list[int]] = {}
         for page, item, _ in rows:
             pages.setdefault(page, []).append(item)
-        full = rows_per_page(types, rows[0][2], dtype)
+        full = rows_per_page(types, rows[0][2], dtype, matrix)
         assert sorted(len(items) for items in pages.values())[1:] == [full] * (len(pages) - 1), table
         assert list(pages) == sorted(pages), table  # pages in order...
         assert all(items == sorted(items, reverse=True) for items in pages.values()), table  # ...rows reversed in each
