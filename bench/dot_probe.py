@@ -4,11 +4,12 @@
 
 pgvector's inner_product adds each 8-float product into one AVX register, so each step of its loop waits for the
 one before. bench/dot_probe/dot4.c does the same sum with four independent registers (another summation order, so
-not the same bits: a probe, not part of gpt-sql). This builds it with gcc against the server's headers (the
+not the same bits: a probe, not part of gpt-sql), and, as matvec, a several-position linear's products in one call:
+each weight row against every position while it is in cache. This builds it with gcc against the server's headers (the
 embedded server's pg_config unless --pg-config), installs it into the server's library directory, and times, in
-interleaved rounds: the products of --positions positions (wte rows) with one layer's attn_c_attn rows summed by
-a join, with each function and with none (the join's own cost), and the several-position linear's tile form with
-each. Needs gcc, and a server on this machine whose library directory it can write (the embedded one); the
+interleaved rounds: linear() of --positions positions (wte rows) through one layer's attn_c_attn, and the same
+products (plus the bias) by matvec; the products summed by a join, with each dot product and with none (the join's
+own cost); and the several-position linear's tile form with each dot product. Needs gcc, and a server on this machine whose library directory it can write (the embedded one); the
 library is removed after the run.
 """
 
@@ -71,6 +72,8 @@ def run(a: argparse.Namespace) -> int:
     conn.execute("SET jit = off")
     conn.execute("CREATE FUNCTION pg_temp.dot4(vector, vector) RETURNS float8"
                  " AS 'gpt_sql_dot_probe', 'dot4' LANGUAGE C IMMUTABLE STRICT")
+    conn.execute("CREATE FUNCTION pg_temp.matvec(vector[], vector[]) RETURNS vector[]"
+                 " AS 'gpt_sql_dot_probe', 'matvec' LANGUAGE C IMMUTABLE STRICT")
     conn.execute("CREATE TEMP TABLE hs AS SELECT array_agg(w ORDER BY id) AS hs FROM wte WHERE id < %s",
                  (a.positions,))
     join = "FROM (SELECT unnest(hs) AS x FROM hs) h, (SELECT w FROM attn_c_attn WHERE layer = 0 OFFSET 0) w"
@@ -83,7 +86,21 @@ def run(a: argparse.Namespace) -> int:
         return (f"SELECT sum(cardinality(pieces)) FROM (SELECT t.first, ARRAY(SELECT ARRAY(SELECT {f}(x, unnest(w.ws)))"
                 f"::vector + w.bv FROM unnest((SELECT hs FROM hs)) AS x) AS pieces {tiles} OFFSET 0) s")
 
-    queries = {"join, no product": f"SELECT sum(vector_dims(w.w)) {join}",
+    # the positions detoasted once (a table keeps a large array compressed, and each use would expand it again)
+    h = "WITH h AS MATERIALIZED (SELECT hs || ARRAY[]::vector[] AS hs FROM hs) "
+    linear = h + "SELECT l.ys FROM h, linear(h.hs, 'c_attn', 0, 0) l"
+    kernel = (h + "SELECT ARRAY(SELECT y + b.bv FROM unnest(pg_temp.matvec(h.hs, b.ws)) y) FROM h,"
+              " (SELECT array_agg(w) AS ws, array_agg(b)::vector AS bv"
+              "  FROM (SELECT w, b FROM attn_c_attn WHERE layer = 0 ORDER BY col) r) b")
+    diff = conn.execute(f"SELECT max(abs(u.a - u.b)) FROM ({linear}) l, ({kernel}) k(ys),"
+                        " unnest(l.ys, k.ys) AS p(l, k), unnest(p.l::real[], p.k::real[]) AS u(a, b)").fetchone()[0]
+    copy = ("SELECT cardinality(b.ws) FROM (SELECT array_agg(w) AS ws"
+            " FROM (SELECT w FROM attn_c_attn WHERE layer = 0 ORDER BY col) r) b")
+    # timed by their outputs' count: sending 230k floats as text would cost more than the products
+    queries = {"linear(), the layer's c_attn": f"SELECT cardinality(o.ys) FROM ({linear}) o",
+               "a matrix kernel in C (matvec), the same": f"SELECT cardinality(o.ys) FROM ({kernel}) o(ys)",
+               "the layer's rows as one array, the kernel's input": copy,
+               "join, no product": f"SELECT sum(vector_dims(w.w)) {join}",
                "join, inner_product": f"SELECT sum(inner_product(h.x, w.w)) {join}",
                "join, dot4": f"SELECT sum(pg_temp.dot4(h.x, w.w)) {join}",
                "tile form, inner_product": tile_form("inner_product"),
@@ -96,7 +113,8 @@ def run(a: argparse.Namespace) -> int:
             conn.execute(q).fetchall()
             times[k].append(time.perf_counter() - t)
     base = statistics.median(times["join, no product"])
-    print(f"{n:,} products ({a.positions} positions x one layer's attn_c_attn rows), medians of {a.rounds} rounds")
+    print(f"{n:,} products ({a.positions} positions x one layer's attn_c_attn rows), medians of {a.rounds} rounds;"
+          f" the kernel's outputs within {diff:.1e} of linear()'s")
     print("| query | median (ms) | a product, less the join's own cost (µs) |\n|---|---:|---:|")
     for k, v in times.items():
         m = statistics.median(v)
