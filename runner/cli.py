@@ -352,8 +352,10 @@ def cmd_models(a: argparse.Namespace) -> int:
     print(f"{'schema':<20} {'params':>12} {'layers':>6} {'heads':>5} {'embd':>5} {'ctx':>5} {'vocab':>6} "
           f"{'dtype':>7} {'size':>9}  source")
     for m in models:
-        print(f"{m.name:<20} {m.n_params:>12,} {m.n_layer:>6} {m.n_head:>5} {m.n_embd:>5} {m.n_ctx:>5} "
-              f"{m.n_vocab:>6} {m.dtype:>7} {m.size_bytes / 2**20:>7.1f}MB  {m.source}")
+        print(f"{m.name + ('*' if m.older_layout else ''):<20} {m.n_params:>12,} {m.n_layer:>6} {m.n_head:>5} "
+              f"{m.n_embd:>5} {m.n_ctx:>5} {m.n_vocab:>6} {m.dtype:>7} {m.size_bytes / 2**20:>7.1f}MB  {m.source}")
+    if any(m.older_layout for m in models):
+        print("* loaded by an earlier gpt-sql: it works, in slower tables; `gpt-sql load` it again to update them")
     return 0
 
 

@@ -27,6 +27,7 @@ class ModelInfo:
     size_bytes: int
     source: str
     dtype: str  # of the weight matrices: float32 (vector) or float16 (halfvec)
+    older_layout: bool = False  # loaded by an earlier gpt-sql into slower tables: loading it again updates them
 
 
 def model_names(conn: psycopg.Connection) -> list[str]:
@@ -44,12 +45,15 @@ def list_models(conn: psycopg.Connection) -> list[ModelInfo]:
         row = conn.execute(sql.SQL(
             "SELECT n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source, h.weight_dtype,"
             " (SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c"
-            "  WHERE c.relnamespace = {}::regnamespace AND c.relkind = 'r')::bigint"
-            " FROM (SELECT h.*, to_jsonb(h) ->> 'dtype' AS weight_dtype FROM {}.hparams h) h"  # older loads: fp32
+            "  WHERE c.relnamespace = {0}::regnamespace AND c.relkind = 'r')::bigint,"
+            # the current layout has the weights as a table partitioned by matrix (252f6e6); older ones a view
+            " NOT EXISTS (SELECT FROM pg_class c"
+            "             WHERE c.relnamespace = {0}::regnamespace AND c.relname = 'weights' AND c.relkind = 'p')"
+            " FROM (SELECT h.*, to_jsonb(h) ->> 'dtype' AS weight_dtype FROM {1}.hparams h) h"  # older loads: fp32
             ).format(sql.Literal(name), sql.Identifier(name))).fetchone()
-        n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source, dtype, size = row
+        n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, source, dtype, size, older = row
         out.append(ModelInfo(name, n_params, n_vocab, n_ctx, n_embd, n_head, n_layer, size or 0, source,
-                             dtype or "float32"))
+                             dtype or "float32", older))
     return out
 
 

@@ -81,6 +81,35 @@ def test_models_and_sql(tiny):
         assert r.returncode == 0 and r.stdout.lstrip().startswith("--") and "WITH RECURSIVE" in r.stdout
 
 
+def test_models_marks_a_model_in_an_older_layout(load_tiny, conn):
+    """A model whose weights are still the UNION ALL view of gpt-sql before 252f6e6 (rebuilt here from a current
+    load: the partitions detached, the view over them) still generates, the same tokens, and `models` marks it."""
+    tiny = load_tiny("tiny_layout", **TINY)
+    args = ("run", "Happy New Year!", "--model", "tiny_layout", "--tokens", "4", "--top-n", "1", "--json")
+    before = gpt_sql(*args)
+    assert before.returncode == 0, before.stderr
+    r = gpt_sql("models", "--json")
+    assert {m["name"]: m for m in json.loads(r.stdout)}["tiny_layout"]["older_layout"] is False
+    with conn.transaction():
+        for table in ("attn_c_attn", "attn_c_proj", "mlp_c_fc", "mlp_c_proj"):
+            conn.execute(f"ALTER TABLE tiny_layout.weights DETACH PARTITION tiny_layout.{table}")
+        conn.execute("DROP TABLE tiny_layout.weights")
+        conn.execute("""CREATE VIEW tiny_layout.weights AS
+            SELECT 'c_attn'::text AS matrix, layer, 0 AS chunk, col, w, b FROM tiny_layout.attn_c_attn
+            UNION ALL SELECT 'attn_c_proj', layer, 0, col, w, b FROM tiny_layout.attn_c_proj
+            UNION ALL SELECT 'c_fc', layer, 0, col, w, b FROM tiny_layout.mlp_c_fc
+            UNION ALL SELECT 'mlp_c_proj', layer, chunk, col, w, b FROM tiny_layout.mlp_c_proj""")
+    after = gpt_sql(*args)
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["tokens"] == json.loads(before.stdout)["tokens"]
+    assert json.loads(after.stdout)["tokens"] == [t.token for t in NumpyEngine(tiny).generate(
+        Params("Happy New Year!", 4, 1.0, 1, 0))]
+    r = gpt_sql("models", "--json")
+    assert {m["name"]: m for m in json.loads(r.stdout)}["tiny_layout"]["older_layout"] is True
+    r = gpt_sql("models")
+    assert r.returncode == 0 and "tiny_layout*" in r.stdout and "load` it again" in r.stdout
+
+
 def test_load_command(tmp_path, conn):
     from tiny import make_checkpoint
     from gpt_sql.loader.hf_format import write_hf
