@@ -9,9 +9,9 @@ turn, so a slow spell of the machine falls on all of them: a greedy generation o
 exactly --prompt-tokens tokens (--batch copies of it generated together), streamed as the runner streams it, on the
 model `bench_124m` (bench/bench.py leaves it) with the helpers and tables of the current schema (an old query that
 needs what the schema no longer has fails with PostgreSQL's message). With several --model, each version runs on
-each model in turn (the same weights loaded by two versions of the loader, say). Prints per version the decode step of each
-round (the median gap between rows; with --batch, the time after the first step's rows over the steps after it)
-and the backend's CPU time per step, medians over the rounds.
+each model in turn (the same weights loaded by two versions of the loader, say). Prints per version the decode step
+of each round (the median gap between rows; with --batch, the time after the first step's rows over the steps after
+it) and the backend's CPU time per step, medians over the rounds.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def main() -> int:
     print(f"| query | wall per step, each round (s) | median (s) | backend CPU per step, median (s) |\n|---|---|---:|---:|")
     for (m, v), runs in got.items():
         label = v if len(models) == 1 else f"{m}: {v}"
-        print(f"| {label} | {', '.join(f'{w:.3f}' for w, _ in runs)} | {statistics.median(w for w, _ in runs):.3f} | "
+        walls = ", ".join(f"{w:.3f}" for w, _ in runs)
+        print(f"| {label} | {walls} | {statistics.median(w for w, _ in runs):.3f} | "
               f"{statistics.median(c for _, c in runs):.3f} |")
     return 0
 

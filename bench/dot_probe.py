@@ -5,12 +5,12 @@
 pgvector's inner_product adds each 8-float product into one AVX register, so each step of its loop waits for the
 one before. bench/dot_probe/dot4.c does the same sum with four independent registers (another summation order, so
 not the same bits: a probe, not part of gpt-sql), and, as matvec, a several-position linear's products in one call:
-each weight row against every position while it is in cache. This builds it with gcc against the server's headers (the
-embedded server's pg_config unless --pg-config), installs it into the server's library directory, and times, in
-interleaved rounds: linear() of --positions positions (wte rows) through one layer's attn_c_attn, and the same
+each weight row against every position while it is in cache. This builds it with gcc against the server's headers
+(the embedded server's pg_config unless --pg-config), installs it into the server's library directory, and times,
+in interleaved rounds: linear() of --positions positions (wte rows) through one layer's attn_c_attn, and the same
 products (plus the bias) by matvec; the products summed by a join, with each dot product and with none (the join's
-own cost); and the several-position linear's tile form with each dot product. Needs gcc, and a server on this machine whose library directory it can write (the embedded one); the
-library is removed after the run.
+own cost); and the several-position linear's tile form with each dot product. Needs gcc, and a server on this
+machine whose library directory it can write (the embedded one); the library is removed after the run.
 """
 
 from __future__ import annotations

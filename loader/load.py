@@ -63,6 +63,13 @@ def tokenizer_rows(ckpt: Checkpoint) -> tuple[list[tuple], list[tuple], list[tup
     return tokens, merges, byte_tokens
 
 
+# The weights table's partitions (schema.sql) and the matrix each holds; the loader copies (layer, chunk, col, w, b)
+# into them and the partition fills in its matrix
+MATRICES = {"attn_c_attn": "c_attn", "attn_c_proj": "attn_c_proj", "mlp_c_fc": "c_fc", "mlp_c_proj": "mlp_c_proj"}
+LINEAR_COLUMNS = ["layer", "chunk", "col", "w", "b"]
+LINEAR_TYPES = ["int4", "int4", "int4", "vector", "float4"]
+
+
 def weight_rows(ckpt: Checkpoint) -> Iterator[tuple[str, list[str], Iterable[tuple]]]:
     """(table, column types, rows) for every weight table, matrices as one output column per row, in page order
     (page_order) where the query scans them in order. Each tensor is taken from ckpt.params once, as its rows are
@@ -114,13 +121,6 @@ def page_order(rows: Iterable[tuple], per_page: int) -> Iterator[tuple]:
 def _embedding_rows(p: Mapping[str, np.ndarray], name: str) -> Iterator[tuple]:
     """(id, vector) rows; the table is read when the first row is asked for, and let go with the last."""
     yield from enumerate(p[name])
-
-
-# The weights table's partitions (schema.sql) and the matrix each holds; the loader copies (layer, chunk, col, w, b)
-# into them and the partition fills in its matrix
-MATRICES = {"attn_c_attn": "c_attn", "attn_c_proj": "attn_c_proj", "mlp_c_fc": "c_fc", "mlp_c_proj": "mlp_c_proj"}
-LINEAR_COLUMNS = ["layer", "chunk", "col", "w", "b"]
-LINEAR_TYPES = ["int4", "int4", "int4", "vector", "float4"]
 
 
 def _column_rows(p: Mapping[str, np.ndarray], name: str, n_layer: int) -> Iterator[tuple]:
