@@ -103,5 +103,6 @@ def unreachable(server: ComposeServer, reason: str) -> str:
         return (f"{server.where} refused the password in {STATE_DIR}/password ({reason}): its data volume was made "
                 f"with another one; `docker compose down -v` resets the server (its loaded models are lost), "
                 f"or give --dsn")
-    return (f"{server.where} does not answer ({reason}): start it with `docker compose up -d` in this directory, "
-            f"or give --dsn (or DATABASE_URL) for another server")
+    return (f"{server.where} does not answer ({reason}): start it with `docker compose up -d` in this directory "
+            f"(`docker-compose up -d` where Docker has no compose plugin), or give --dsn (or DATABASE_URL) for another "
+            f"server")
