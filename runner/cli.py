@@ -251,9 +251,10 @@ def _token_texts(engine: NumpyEngine | None, conn: psycopg.Connection | None, mo
 
 
 def cmd_next(a: argparse.Namespace) -> int:
-    conn = connect(a.dsn)
-    model = resolve_model(conn, a.model)
-    results = {t: next_sql(conn, model, a.prompt, a.top, t, timeout_s=a.timeout) for t in a.temperature}
+    engine, conn, model = _model_or_engine(a)
+    results = {t: engine.next(a.prompt, a.top, t) if engine else next_sql(conn, model, a.prompt, a.top, t,
+                                                                            timeout_s=a.timeout)
+               for t in a.temperature}
     if a.json:
         print(json.dumps({str(t): [{"token": c.token, "text": c.bytes.decode("utf-8", errors="replace"),
                                     "prob": c.prob} for c in cands] for t, cands in results.items()},
@@ -313,8 +314,11 @@ def _write_png(data: dict, text_of: Callable[[int], str], path: Path) -> None:
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
-    conn = connect(a.dsn)
-    model = resolve_model(conn, a.model)
+    engine, conn, model = _model_or_engine(a)
+
+    def tokenize(text: str) -> list[tuple[int, bytes]]:
+        return engine.tokenize(text) if engine else tokenize_sql(conn, model, text, timeout_s=a.timeout)
+
     if a.jsonl:
         for n, line in enumerate(sys.stdin, 1):
             try:
@@ -324,14 +328,14 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
             if not isinstance(text, str):
                 raise UsageError(f"stdin line {n}: expected a JSON string")
             try:
-                ids = [t for t, _ in tokenize_sql(conn, model, text)]
+                ids = [t for t, _ in tokenize(text)]
             except GenerationError as e:
                 raise UsageError(f"stdin line {n}: {e}")
             print(json.dumps(ids))
         return 0
     if a.text is None:
         raise UsageError("give TEXT, or --jsonl to read JSON strings from stdin")
-    for token, data in tokenize_sql(conn, model, a.text):
+    for token, data in tokenize(a.text):
         print(f"{token:>6}  {data.decode('utf-8', errors='replace')!r}")
     return 0
 
@@ -500,7 +504,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=temperature, nargs="+", default=[1.0], help="one or more temperatures")
     p.add_argument("--model")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout", type=timeout_seconds, help="cancel the query after this many seconds")
+    engine_options(p)
 
     p = add("inspect", cmd_inspect, "look inside: every head's attention weights over the prompt, and the logit "
                                      "lens (the most likely next token after each block), computed in SQL")
@@ -517,6 +521,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", type=prompt_text)
     p.add_argument("--jsonl", action="store_true", help="read one JSON string per stdin line, print one JSON list each")
     p.add_argument("--model")
+    engine_options(p)
 
     p = add("sql", cmd_sql, "print the query, for psql", db=False)
     p.add_argument("variant", nargs="?", default="generate",

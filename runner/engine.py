@@ -14,7 +14,7 @@ from psycopg import sql
 
 from . import queries
 from .db import SESSION_SETTINGS
-from .reference import Model, stop_at
+from .reference import Model, softmax, stop_at, top
 from .tokenizer import Tokenizer, pretokenize
 from ..loader.checkpoint import Checkpoint
 
@@ -318,6 +318,20 @@ class NumpyEngine:
                 return
             yield t if cut is None or start + len(t.bytes) <= cut else replace(t, bytes=t.bytes[:cut - start])
             start += len(t.bytes)
+
+    def next(self, prompt: str, n: int, temperature: float) -> list[Token]:
+        """The n likeliest next tokens (ties: lower id first) and their probabilities, softmax(logits / temperature),
+        as the query's `next` variant."""
+        ids = self.encode(prompt)
+        self.check(Params(prompt, tokens=1, temperature=temperature, top_n=n), len(ids))
+        scaled = self.model.logits(ids, self.model.new_cache())[-1].astype(np.float64) / temperature
+        probs = softmax(scaled)
+        return [Token(1, int(t), self.tokenizer.token_bytes(int(t)), float(probs[t])) for t in top(scaled, n)]
+
+    def tokenize(self, text: str) -> list[tuple[int, bytes]]:
+        """The text's tokens and their bytes, as the query's `tokenize` variant (no tokens for an empty text)."""
+        check_text(text)
+        return [(t, self.tokenizer.token_bytes(t)) for t in self.tokenizer.encode(text)]
 
     def score(self, text: str) -> list[tuple[int, float]]:
         ids = self.tokenizer.encode(text)
