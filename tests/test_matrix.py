@@ -166,3 +166,34 @@ def test_functions_survive_a_server_upgrade(ckpt_dir):
                     "SELECT token FROM matrix_tiny.generate(ARRAY[%s, 'New'], 6, seeds => ARRAY[4, 4]::bigint[])"
                     " WHERE i = 1", (PROMPT,))] == want
             check_model(dsn, ckpt, "matrix_tiny")
+
+
+def versions(**kw) -> "ServerVersions":
+    from gpt_sql.runner.versions import ServerVersions
+
+    base = dict(postgres="18.6", postgres_major=18, vector="0.8.6", vector_schema="public", available=["0.8.6"],
+                default="0.8.6", database="app", role="app_user")
+    return ServerVersions(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, line", [
+    ({}, None),
+    ({"vector": "0.7.0", "available": ["0.7.0"]}, None),
+    ({"vector": None}, None),  # the load creates it (or says an administrator must)
+    ({"postgres": "13.9", "postgres_major": 13}, "this server is PostgreSQL 13.9; gpt-sql needs PostgreSQL >= 14"),
+    ({"vector": "0.6.2"}, "this server has pgvector 0.6.2; gpt-sql needs pgvector >= 0.7 (subvector, || on vectors "
+     "and halfvec came in 0.7): an administrator can run `ALTER EXTENSION vector UPDATE` in database app (the "
+     "server has 0.8.6 installed)"),
+    ({"vector": "0.6.2", "available": ["0.6.2"], "default": "0.6.2"}, "upgrade the server's pgvector package"),
+    ({"vector": None, "available": [], "default": None}, "this server has no pgvector; gpt-sql needs pgvector >= 0.7"),
+    ({"vector": None, "available": ["0.5.1", "0.6.2"], "default": "0.6.2"}, "this server offers pgvector 0.6.2"),
+    ({"vector_schema": "extensions"}, "pgvector is in schema extensions of database app; gpt-sql needs it in public"),
+])
+def test_the_floor_in_one_line(kw, line):
+    from gpt_sql.runner.versions import problem
+
+    got = problem(versions(**kw))
+    if line is None:
+        assert got is None
+    else:
+        assert got is not None and line in got and "\n" not in got
