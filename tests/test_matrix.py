@@ -197,3 +197,34 @@ def test_the_floor_in_one_line(kw, line):
         assert got is None
     else:
         assert got is not None and line in got and "\n" not in got
+
+
+# pgvector 0.7's three functions the query uses, written in SQL over real[] (slower than pgvector's C): with them,
+# PostgreSQL 16.2 runs the query as shipped, so the PostgreSQL floor is not what refuses pgserver 0.1.4
+STAND_INS = """
+CREATE FUNCTION public.vector_concat(a vector, b vector) RETURNS vector LANGUAGE sql IMMUTABLE STRICT
+    AS $$ SELECT (a::real[] || b::real[])::vector $$;
+CREATE OPERATOR public.|| (LEFTARG = vector, RIGHTARG = vector, FUNCTION = public.vector_concat);
+CREATE FUNCTION public.subvector(v vector, start int, count int) RETURNS vector LANGUAGE sql IMMUTABLE STRICT
+    AS $$ SELECT ((v::real[])[start:start + count - 1])::vector $$;
+"""
+
+
+def test_the_query_on_postgres_16_given_pgvector_07s_functions(ckpt_dir, monkeypatch):
+    from gpt_sql.loader.load import load
+    from gpt_sql.runner import versions as versions_module
+    from gpt_sql.runner.engine import generate_sql
+
+    ckpt, _ = ckpt_dir
+    build = need("pgserver-0.1.4")
+    monkeypatch.setattr(versions_module, "PGVECTOR_FLOOR", (0, 6, 0))  # this test's server has the stand-ins
+    with private_server(build.pginstall) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION vector")
+        conn.execute(STAND_INS)
+        load(conn, ckpt, "pg16_tiny", progress=False)
+        eng = NumpyEngine(ckpt)
+        for prompt, seed in ((PROMPT, 3), ("", 1), ("I wish you a happy New", 8)):
+            p = Params(prompt, tokens=6, temperature=1.0, top_n=5, seed=seed)
+            assert [t.token for t in generate_sql(conn, "pg16_tiny", p)] == [t.token for t in eng.generate(p)]
+        scores = conn.execute("SELECT logprob FROM pg16_tiny.score(%s) ORDER BY pos", (PROMPT,)).fetchall()
+        assert [s for (s,) in scores] == pytest.approx([lp for _, lp in eng.score(PROMPT)], abs=1e-4)
