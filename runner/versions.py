@@ -102,7 +102,8 @@ def create_extension(conn: psycopg.Connection) -> None:
     try:
         with conn.transaction():
             conn.execute("CREATE EXTENSION vector")
-    except psycopg.errors.InsufficientPrivilege as e:
+    # a plain role; or a service that allows only the extensions its settings list (FeatureNotSupported)
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.FeatureNotSupported) as e:
         raise VersionError(
             f"pgvector is not enabled in database {v.database} and role {v.role} may not create it "
             f"({e.diag.message_primary}): an administrator must run `CREATE EXTENSION vector` in it") from None
