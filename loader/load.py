@@ -13,6 +13,7 @@ from psycopg import sql
 from tqdm import tqdm
 
 from ..runner.tokenizer import bytes_to_unicode
+from ..runner.versions import VersionError, create_extension
 from .checkpoint import Checkpoint, CheckpointError
 from .functions import create_functions, set_function_search_path
 from .unicode_classes import class_ranges
@@ -196,6 +197,8 @@ def load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool |
     phase = ["load"]
     try:
         return _load(conn, ckpt, name, progress, phase)
+    except VersionError as e:
+        raise LoadError(f"cannot load {name}: {e}") from None
     except psycopg.errors.InsufficientPrivilege as e:
         msg = e.diag.message_primary or str(e).strip()
         if msg.startswith("permission denied for database"):
@@ -226,7 +229,7 @@ def _load(conn: psycopg.Connection, ckpt: Checkpoint, name: str, progress: bool 
     total_bytes = ckpt.n_params * 4  # the weights as float32 arrays, as _copy counts them
     counts: dict[str, int] = {}
     with conn.transaction():
-        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        create_extension(conn)  # checks the server's versions first: below the floor, nothing is made
         register_vector(conn)
         replacing = _existing(conn, name)
         if replacing:  # fail before the copy, not after it (checked again under the lock, before the drop)

