@@ -11,8 +11,8 @@
 --   SET gpt.seeds = '{1, 2}';            -- or one seed per prompt (a bigint[]; default: gpt.seed for each)
 --   SET gpt.stop = '{"\n\n"}';           -- a prompt's generation ends where its text contains one (a text[])
 --   SET gpt.logprobs = 0;                -- k > 0: each token's row also lists the k likeliest tokens (top)
---   SET gpt.task = generate;             -- or inspect (= SET gpt.inspect = on), score, embed, classify: what the
---                                        -- variants of `gpt-sql sql` read (see there)
+--   SET gpt.task = generate;             -- or inspect (= SET gpt.inspect = on), score, embed, classify: each
+--                                        -- task's file in sql/ sets it (score.sql, ...; see this file's end)
 --   SET gpt.layer = '';                  -- embed: the residual stream after this block (0 = the first), not ln_f
 -- One row per generated token, as it is produced: i (which prompt, from 1), step, token, its text, its bytes, its
 -- probability (softmax of logits / temperature over the whole vocabulary) and, with logprobs, top. The prompts are
