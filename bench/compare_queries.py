@@ -4,14 +4,14 @@
 
     e.g. python bench/compare_queries.py 4efff75 f967e1a b630487 HEAD sql/generate.sql
 
-Each argument is a git revision (its sql/generate.sql, from `git show`) or a file. Every round runs each version in
-turn, so a slow spell of the machine falls on all of them: a greedy generation of --tokens tokens after a prompt of
-exactly --prompt-tokens tokens (--batch copies of it generated together), streamed as the runner streams it, on the
-model `bench_124m` (bench/bench.py leaves it) with the helpers and tables of the current schema (an old query that
-needs what the schema no longer has fails with PostgreSQL's message). With several --model, each version runs on
-each model in turn (the same weights loaded by two versions of the loader, say). Prints per version the decode step
-of each round (the median gap between rows; with --batch, the time after the first step's rows over the steps after
-it) and the backend's CPU time per step, medians over the rounds.
+Each argument is a git revision (its sql/generate.sql, from `git show`) or a file; its generate query is run. Every
+round runs each version in turn, so a slow spell of the machine falls on all of them: a greedy generation of
+--tokens tokens after a prompt of exactly --prompt-tokens tokens (--batch copies of it generated together), streamed
+as the runner streams it, on the model `bench_124m` (bench/bench.py leaves it) with the helpers and tables of the
+current schema (an old query that needs what the schema no longer has fails with PostgreSQL's message). With several
+--model, each version runs on each model in turn (the same weights loaded by two versions of the loader, say).
+Prints per version the decode step of each round (the median gap between rows; with --batch, the time after the
+first step's rows over the steps after it) and the backend's CPU time per step, medians over the rounds.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from bench import prompt_of  # noqa: E402
 from gpt_sql.runner.db import connect  # noqa: E402
 from gpt_sql.runner.engine import Batch, prepare  # noqa: E402
 from gpt_sql.runner.models import read_vocabulary  # noqa: E402
+from gpt_sql.runner.queries import query as query_of  # noqa: E402
 from gpt_sql.runner.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +84,8 @@ def main() -> int:
     models = a.model or ["bench_124m"]
     if a.tokens < 2:
         sys.exit("compare_queries: --tokens must be at least 2 (a decode step follows the first token)")
-    queries = {v: query_text(v) for v in a.versions}
+    # the generate query of each version: one with psql branches after its `-- decode:` line gets them cut out
+    queries = {v: query_of("generate", query_text(v)) for v in a.versions}
     conn = connect(a.dsn)
     pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
     prompt = prompt_of(Tokenizer(*read_vocabulary(conn, models[0])), a.prompt_tokens)

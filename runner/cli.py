@@ -523,7 +523,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     engine_options(p)
 
-    p = add("sql", cmd_sql, "print the query, for psql", db=False)
+    p = add("sql", cmd_sql, "print the query as plain SQL, for any client (in psql: \\i sql/VARIANT.sql)", db=False)
     p.add_argument("variant", nargs="?", default="generate",
                    choices=("generate", "text", "next", "inspect", "score", "perplexity", "embed", "classify",
                             "tokenize"),

@@ -11,8 +11,8 @@
 --   SET gpt.seeds = '{1, 2}';            -- or one seed per prompt (a bigint[]; default: gpt.seed for each)
 --   SET gpt.stop = '{"\n\n"}';           -- a prompt's generation ends where its text contains one (a text[])
 --   SET gpt.logprobs = 0;                -- k > 0: each token's row also lists the k likeliest tokens (top)
---   SET gpt.task = generate;             -- or inspect (= SET gpt.inspect = on), score, embed, classify: what the
---                                        -- variants of `gpt-sql sql` read (see there)
+--   SET gpt.task = generate;             -- or inspect (= SET gpt.inspect = on), score, embed, classify: each
+--                                        -- task's file in sql/ sets it (score.sql, ...; see this file's end)
 --   SET gpt.layer = '';                  -- embed: the residual stream after this block (0 = the first), not ln_f
 -- One row per generated token, as it is produced: i (which prompt, from 1), step, token, its text, its bytes, its
 -- probability (softmax of logits / temperature over the whole vocabulary) and, with logprobs, top. The prompts are
@@ -658,7 +658,135 @@ output AS (
           GROUP BY t.i, t.text) c
     WHERE c.i = o.i AND o.start < c.cut
 )
--- decode: each token as text and as bytes. A character split across tokens shows as U+FFFD in the text of
--- each part; the bytes put it together (clients decode the stream incrementally)
+-- decode: what the query returns, one final SELECT per task. Each task's file in sql/ (text.sql, score.sql, ...)
+-- sets a psql variable that picks its SELECT here (and is unset at once, so that a file stopped by an error leaves
+-- none behind); runner/queries.py cuts out the same SELECT for the runner and the model's SQL functions
+\if :{?gpt_text}
+\unset gpt_text
+-- complete: each prompt's completion as one text value (a character cut short becomes U+FFFD)
+SELECT o.i, decode_utf8(coalesce(string_agg(o.bytes, ''::bytea ORDER BY o.step), ''::bytea)) AS completion
+FROM output o
+WHERE (SELECT CASE WHEN task = 'generate' THEN 0 ELSE raise_error(format(
+                   'gpt.task is %1$s: run \i sql/%1$s.sql (or RESET gpt.task%2$s)', task,
+                   CASE WHEN task = 'inspect' THEN ' and gpt.inspect' END)) END = 0 FROM params)
+GROUP BY o.i
+ORDER BY o.i;
+\elif :{?gpt_texts}
+\unset gpt_texts
+-- completions: the prompts' completions as one text[], in the prompts' order
+SELECT array_agg(c.completion ORDER BY c.i)
+FROM (SELECT o.i, decode_utf8(coalesce(string_agg(o.bytes, ''::bytea ORDER BY o.step), ''::bytea)) AS completion
+      FROM output o
+      GROUP BY o.i) c;
+\elif :{?gpt_next}
+\unset gpt_next
+-- next: the top_n candidates for the next token with their probabilities (softmax of logits / temperature)
+SELECT g.token, decode_utf8(t.bytes) AS text, t.bytes, g.prob
+FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t
+WHERE g.kind = 'candidate' AND g.step = 1
+  AND (SELECT CASE WHEN task = 'generate' THEN 0 ELSE raise_error(format(
+                     'gpt.task is %1$s: run \i sql/%1$s.sql (or RESET gpt.task%2$s)', task,
+                     CASE WHEN task = 'inspect' THEN ' and gpt.inspect' END)) END = 0 FROM params)
+ORDER BY g.prob DESC, g.token;
+\elif :{?gpt_score}
+\unset gpt_score
+-- score: with gpt.task = score, each text's tokens (pos from 0) and each one's log-probability given the tokens
+-- before it (the first given <|endoftext|>)
+SELECT g.i, g.pos - 1 AS pos, g.token, decode_utf8(t.bytes) AS text, g.prob AS logprob
+FROM generate g, LATERAL (SELECT tokens.bytes FROM tokens WHERE tokens.id = g.token) t, params p
+WHERE g.kind = 'score'
+  AND CASE WHEN p.task <> 'score' THEN raise_error('SET gpt.task = score first: the score query reads what it keeps')
+           ELSE 0 END = 0
+ORDER BY g.i, g.pos;
+\elif :{?gpt_perplexity}
+\unset gpt_perplexity
+-- perplexity: with gpt.task = score, each text's perplexity: exp of the mean of its tokens' negative
+-- log-probabilities (none for an empty text)
+SELECT g.i, exp(-avg(g.prob)) AS perplexity
+FROM generate g, params p
+WHERE g.kind = 'score'
+  AND CASE WHEN p.task <> 'score'
+           THEN raise_error('SET gpt.task = score first: the perplexity query reads what it keeps') ELSE 0 END = 0
+GROUP BY g.i
+ORDER BY g.i;
+\elif :{?gpt_embed}
+\unset gpt_embed
+-- embed: with gpt.task = embed, each text's embedding: its residual stream after the last block and ln_f
+-- (after block gpt.layer, if set), averaged over its positions
+SELECT g.i, g.vs[1] AS embedding
+FROM generate g, params p
+WHERE g.kind = 'embedding'
+  AND CASE WHEN p.task <> 'embed' THEN raise_error('SET gpt.task = embed first: the embed query reads what it keeps')
+           ELSE 0 END = 0
+ORDER BY g.i;
+\elif :{?gpt_classify}
+\unset gpt_classify
+-- classify: with gpt.task = classify (gpt.prompts: the text, then the choices), each choice and its probability
+-- after the text: the product of its tokens' probabilities, normalised over the choices (a softmax of their summed
+-- log-probabilities)
+SELECT c.i - 1 AS choice, p.prompts[c.i] AS text,
+       exp0(c.logprob - c.max) / sum(exp0(c.logprob - c.max)) OVER () AS prob
+FROM (SELECT c.*, max(c.logprob) OVER () AS max
+      FROM (SELECT g.i, sum(g.prob ORDER BY g.pos) AS logprob FROM generate g WHERE g.kind = 'score' GROUP BY g.i) c) c,
+     params p
+WHERE CASE WHEN p.task <> 'classify'
+           THEN raise_error('SET gpt.task = classify first: the classify query reads what it keeps') ELSE 0 END = 0
+ORDER BY c.i;
+\elif :{?gpt_inspect}
+\unset gpt_inspect
+-- inspect: with gpt.task = inspect (or gpt.inspect = on), what the model saw in the prompt. Rows by kind:
+--   'token'     (pos, token)                  the prompt's tokens
+--   'attention' (layer, head, pos, weights)   a head's attention weights at query position pos over positions
+--                                             0 .. n - 1 (0 where the causal mask hides a key)
+--   'lens'      (layer, pos, token, prob)     the logit lens: ln_f and the unembedding (wte) applied to the
+--                                             residual stream after block `layer` at position pos, its most
+--                                             likely token and that token's probability (softmax, temperature 1)
+SELECT 'token' AS kind, NULL::int AS layer, NULL::int AS head, g.pos, g.token, NULL::float8 AS prob,
+       NULL::real[] AS weights
+FROM generate g, params p
+WHERE g.kind = 'token' AND g.step = 0
+  AND CASE WHEN p.task <> 'inspect'
+           THEN raise_error('SET gpt.inspect = on (or gpt.task = inspect) first: the inspect query reads the values it '
+                            'keeps') ELSE 0 END = 0
+UNION ALL
+SELECT 'attention', g.layer, g.head, w.pos::int - 1, NULL, NULL, w.weights::real[]
+FROM generate g, unnest(g.vs) WITH ORDINALITY AS w(weights, pos)
+WHERE g.kind = 'attention' AND g.step = 1
+UNION ALL
+-- per block: ln_f at every position, then the logits as a matrix logits[id][position] from one ordered scan of
+-- wte (a product per position for each row while it is at hand; ids are 0 .. n_vocab - 1, so a token's id is its
+-- index - 1), then per position the first of the largest logits and its probability, one over the sum of
+-- exp(logit - largest)
+SELECT 'lens', x.layer - 1, NULL, l.pos - 1, l.token, l.prob, NULL
+FROM generate x,
+     LATERAL (SELECT ARRAY(SELECT ARRAY(SELECT inner_product(unnest(h.hs), w.w)::real)
+                           FROM wte w ORDER BY w.id) AS logits
+              FROM (SELECT ARRAY(SELECT as_weights(layer_norm(unnest(x.vs), ln_f.g, ln_f.b))) AS hs FROM ln_f) h
+              OFFSET 0) m,
+     LATERAL (SELECT c.pos, array_position(c.logits, c.top) - 1 AS token,
+                     1 / (SELECT sum(exp0(y::float8 - c.top)) FROM unnest(c.logits) AS y) AS prob
+              FROM (SELECT c.pos, c.logits, (SELECT max(y) FROM unnest(c.logits) AS y) AS top
+                    FROM (SELECT j AS pos, ARRAY(SELECT unnest(m.logits[:][j:j])) AS logits
+                          FROM generate_series(1, cardinality(x.vs)) AS j OFFSET 0) c OFFSET 0) c) l
+WHERE x.kind = 'x' AND x.step = 1
+ORDER BY kind DESC, layer, head, pos;
+\elif :{?gpt_tokenize}
+\unset gpt_tokenize
+-- tokenize: the prompt's token ids and their bytes
+SELECT e.pos, e.token, (SELECT t.bytes FROM tokens t WHERE t.id = e.token) AS bytes
+FROM encode e
+ORDER BY e.pos;
+\elif :{?gpt_ids}
+\unset gpt_ids
+-- ids: the prompt's token ids as one array
+SELECT coalesce(array_agg(e.token ORDER BY e.pos), '{}') FROM encode e;
+\else
+-- generate: a row per token, as text and as bytes. A character split across tokens shows as U+FFFD in the text of
+-- each part; the bytes put it together (clients decode the stream incrementally). Another task's rows come from its
+-- file: with gpt.task set to one, an error that names it
 SELECT o.i, o.step, o.token, decode_utf8(o.bytes) AS text, o.bytes, o.prob, o.top AS alternatives
-FROM output o;
+FROM output o
+WHERE (SELECT CASE WHEN task = 'generate' THEN 0 ELSE raise_error(format(
+                   'gpt.task is %1$s: run \i sql/%1$s.sql (or RESET gpt.task%2$s)', task,
+                   CASE WHEN task = 'inspect' THEN ' and gpt.inspect' END)) END = 0 FROM params);
+\endif
