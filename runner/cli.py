@@ -423,6 +423,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                          f"at {url}  (OpenAI API: {url}v1; Ctrl-C stops)", flush=True))
     except ServeError as e:
         raise UsageError(str(e))
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then raised the Ctrl-C it caught again: not an error here
+        pass
     print("gpt-sql: stopped", file=sys.stderr)
     return 0
 

@@ -67,7 +67,7 @@ def server(dsn, load_tiny):
     s = start(dsn, "--model", MODEL)
     yield s
     code, err = stop(s)
-    assert code in (0, 130), err
+    assert code == 0 and err.strip().splitlines()[-1] == "gpt-sql: stopped", err
 
 
 @pytest.fixture(scope="module")
