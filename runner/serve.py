@@ -121,7 +121,11 @@ def _read_info(conn: psycopg.Connection, name: str) -> ModelInfo:
 # --- requests ----------------------------------------------------------------------------------------------
 
 async def read_json(request: Request) -> Any:
-    """The body as JSON, refused past MAX_BODY bytes without reading the rest."""
+    """The body as JSON, refused past MAX_BODY bytes without reading the rest. Only as application/json: a web
+    page elsewhere cannot send that to this server without the browser asking first (CORS preflight), which this
+    server does not answer, so a page the user visits cannot run queries here."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise api.ApiError(415, "send the request body as JSON, with 'Content-Type: application/json'")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY:
         raise api.ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
@@ -392,6 +396,25 @@ async def not_found(request: Request, exc: Exception) -> Response:
                         status_code=status)
 
 
+class LocalHostsOnly:
+    """On a loopback address, refuse requests whose Host is not a loopback name: a site whose name an attacker
+    points at 127.0.0.1 (DNS rebinding) would otherwise be same-origin with this server in the user's browser."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.strip("[]") not in ("localhost", "127.0.0.1", "::1"):
+                body = api.error_body(f"Host {host!r} is not this machine's: use http://127.0.0.1/",
+                                      "invalid_request_error")
+                await JSONResponse(body, status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def make_app(connect: Callable[[], psycopg.Connection], model: str | None = None, api_key: str | None = None,
              workers: int = 2) -> Starlette:
     a = App(connect, model, api_key, workers)
@@ -449,7 +472,7 @@ def run(connect: Callable[[], psycopg.Connection], host: str, port: int, model: 
                          f"can reach it, --insecure-no-api-key)")
     sock = listen(host, port)
     app = make_app(connect, model, api_key, workers)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+    config = uvicorn.Config(LocalHostsOnly(app) if is_local(host) else app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
                             lifespan="on")
     server = uvicorn.Server(config)
 

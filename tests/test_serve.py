@@ -222,6 +222,19 @@ def test_not_json_and_too_large(server):
     c.close()
 
 
+def test_only_json_and_only_local_names(server):
+    """A page elsewhere can send a form or text/plain without asking (no CORS preflight): refused. A name pointed at
+    127.0.0.1 by someone else (DNS rebinding): refused."""
+    status, out = server.post("/v1/completions", {"model": MODEL, "prompt": "hi"}, headers={"Content-Type": "text/plain"})
+    assert status == 415 and out["error"]["message"]
+    status, out = server.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+                              headers={"Host": "evil.example:80"})
+    assert status == 421
+    status, out = server.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+                              headers={"Host": "localhost"})
+    assert status == 200
+
+
 def test_api_key(keyed):
     with pytest.raises(openai.AuthenticationError):
         keyed.client(key="wrong").models.list()
