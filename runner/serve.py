@@ -15,7 +15,6 @@ import ipaddress
 import json
 import random
 import socket
-import sys
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
@@ -472,7 +471,8 @@ def run(connect: Callable[[], psycopg.Connection], host: str, port: int, model: 
                          f"can reach it, --insecure-no-api-key)")
     sock = listen(host, port)
     app = make_app(connect, model, api_key, workers)
-    config = uvicorn.Config(LocalHostsOnly(app) if is_local(host) else app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+    config = uvicorn.Config(LocalHostsOnly(app) if is_local(host) else app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=2,
                             lifespan="on")
     server = uvicorn.Server(config)
 

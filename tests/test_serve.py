@@ -225,7 +225,8 @@ def test_not_json_and_too_large(server):
 def test_only_json_and_only_local_names(server):
     """A page elsewhere can send a form or text/plain without asking (no CORS preflight): refused. A name pointed at
     127.0.0.1 by someone else (DNS rebinding): refused."""
-    status, out = server.post("/v1/completions", {"model": MODEL, "prompt": "hi"}, headers={"Content-Type": "text/plain"})
+    status, out = server.post("/v1/completions", {"model": MODEL, "prompt": "hi"},
+                              headers={"Content-Type": "text/plain"})
     assert status == 415 and out["error"]["message"]
     status, out = server.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1},
                               headers={"Host": "evil.example:80"})

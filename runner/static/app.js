@@ -205,7 +205,8 @@ async function openInspect(k) {
   panel.hidden = false;
   $("inspect-title").textContent = `Before token ${k + 1}, ${JSON.stringify(t.text)} ` +
                                    `(${(Math.exp(t.logprob) * 100).toFixed(1)}%)`;
-  $("inspect-note").textContent = "computing: the query's inspect variant runs on the prompt and the tokens before it…";
+  $("inspect-note").textContent =
+    "computing: the query's inspect variant runs on the prompt and the tokens before it…";
   $("lens").textContent = "";
   $("heatmaps").textContent = "";
   const body = { model: state.model, prompt: state.prompt, tokens: state.tokens.slice(0, k).map((x) => x.id) };
@@ -316,13 +317,17 @@ $("stop-button").addEventListener("click", () => state.controller && state.contr
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); });
 $("key").addEventListener("change", () => { sessionStorage.setItem("gpt-sql-key", $("key").value); loadModels(); });
 $("inspect-close").addEventListener("click", closeInspect);
-document.addEventListener("keydown", (e) => { if (e.key === "Escape") { closeInspect(); $("tooltip").hidden = true; } });
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape") { closeInspect(); $("tooltip").hidden = true; }
+});
 const output = $("output");
 output.addEventListener("mouseover", (e) => { if (e.target.classList.contains("tok")) showTooltip(e.target); });
 output.addEventListener("mouseout", (e) => { if (e.target.classList.contains("tok")) $("tooltip").hidden = true; });
 output.addEventListener("focusin", (e) => { if (e.target.classList.contains("tok")) showTooltip(e.target); });
 output.addEventListener("focusout", () => { $("tooltip").hidden = true; });
-output.addEventListener("click", (e) => { if (e.target.classList.contains("tok")) openInspect(Number(e.target.dataset.k)); });
+output.addEventListener("click", (e) => {
+  if (e.target.classList.contains("tok")) openInspect(Number(e.target.dataset.k));
+});
 output.addEventListener("keydown", (e) => {
   if (e.target.classList.contains("tok") && (e.key === "Enter" || e.key === " ")) {
     e.preventDefault();
