@@ -328,3 +328,19 @@ def test_page_and_static_files(server):
         html = r.read().decode()
     assert "<html" in html.lower() or "<!doctype" in html.lower()
     assert "http://" not in html.replace(server.url, "") and "https://" not in html  # nothing from elsewhere
+
+
+def test_readme_example_runs(server, capsys):
+    """The README's Python example, as written, with the test server's address and model."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Serve"):]
+    block = section[section.index("```python") + len("```python"):]
+    code = block[:block.index("```")]
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code
+    code = code.replace("http://127.0.0.1:8000/", server.url).replace("gpt2_124m", MODEL)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["vectors"]) == 2 and len(scope["vectors"][0]) == SHAPE["n_embd"]
+    assert capsys.readouterr().out.count("\n") >= 3
