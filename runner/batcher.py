@@ -236,7 +236,7 @@ class Batcher:
         error: BaseException | None = None
         try:
             await asyncio.to_thread(self.connections.run, group.work, group.call)
-        except (GenerationError, Cancelled, psycopg.Error) as e:
+        except Exception as e:  # the query's refusal, a cancel, a lost server: each waiting request gets it
             error = e
         finally:
             self.connections.slots.release()

@@ -315,6 +315,14 @@ def test_refuses_public_host_without_key(dsn, load_tiny):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_port_in_use_is_one_line(server, dsn):
+    port = server.url.rstrip("/").rsplit(":", 1)[1]
+    r = subprocess.run([sys.executable, "-m", "gpt_sql.runner.cli", "serve", "--port", port, "--dsn", dsn,
+                        "--model", MODEL], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "cannot listen on 127.0.0.1:" + port in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_help_mentions_the_insecure_flag():
     r = subprocess.run([sys.executable, "-m", "gpt_sql.runner.cli", "serve", "--help"], capture_output=True,
                        text=True, timeout=60)
