@@ -160,8 +160,10 @@ class Group:
         owners = [(job, k) for job in self.jobs for k in range(len(job.prompts))]
         prompts = [job.prompts[k] for job, k in owners]
         seeds = [job.seeds[k] for job, k in owners]
-        for i, token in generate_batch_sql(conn, self.jobs[0].options.model, self.jobs[0].options.batch(prompts,
-                                                                                                          seeds)):
+        options = self.jobs[0].options
+        for i, token in generate_batch_sql(conn, options.model, options.batch(prompts, seeds)):
+            if self.call.cancelled:  # a cancel that reached the backend between two fetches did nothing: stop here
+                raise Cancelled()
             job, k = owners[i - 1]
             if not job.gone:
                 job.put((k, token))
