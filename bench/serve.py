@@ -44,13 +44,16 @@ def ensure_model(dsn: str, size: str) -> str:
     conn = connect(dsn)
     schema = "bench_124m" if size == "124M" else "bench_serve_tiny"
     if schema not in model_names(conn):
+        sys.path.insert(0, str(REPO / "tests"))
+        import tiny
+        if not (tiny.SHARED_GPT2 / "encoder.json").exists():  # a git worktree sits deeper than ../shared
+            tiny.SHARED_GPT2 = next((up / "shared" / "gpt2" for up in REPO.parents
+                                     if (up / "shared" / "gpt2" / "encoder.json").exists()), tiny.SHARED_GPT2)
         if size == "124M":
             ckpt, label, _ = model(None, "124M")
         else:
-            sys.path.insert(0, str(REPO / "tests"))
-            from tiny import SHARED_GPT2, make_checkpoint
-            ckpt = make_checkpoint(n_embd=64, n_head=4, n_layer=4, n_ctx=256, scale=0.02,
-                                   real_tokenizer=(SHARED_GPT2 / "encoder.json").exists())
+            ckpt = tiny.make_checkpoint(n_embd=64, n_head=4, n_layer=4, n_ctx=256, scale=0.02,
+                                        real_tokenizer=(tiny.SHARED_GPT2 / "encoder.json").exists())
             label = "tiny: 4 layers, 64 dims, random weights"
         print(f"loading {schema} ({label})", file=sys.stderr)
         load(conn, ckpt, schema)

@@ -10,6 +10,7 @@ is cancelled on the server (psycopg's cancel_safe), which frees its backend at o
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -22,6 +23,9 @@ T = TypeVar("T")
 
 WINDOW_S = 0.03  # how long the first request of a batch waits for others to join it
 MAX_BATCH = 64  # prompts in one query
+# Requests gathered together are dealt over every idle connection rather than run as one query on one;
+# GPT_SQL_SERVE_SPLIT=0 turns that off (bench/serve.py compares the two).
+SPLIT = os.environ.get("GPT_SQL_SERVE_SPLIT", "1") != "0"
 END = object()  # on a Job's queue after its last token
 
 
@@ -208,17 +212,24 @@ class Batcher:
             while self.pending:
                 await asyncio.sleep(self.window_s)
                 await self.connections.slots.acquire()
-                group = self._take_group()
-                if group is None:
+                free = 1
+                while SPLIT and not self.connections.slots.locked():  # other connections idle: theirs too
+                    await self.connections.slots.acquire()
+                    free += 1
+                groups = self._take_groups(free)
+                for _ in range(free - len(groups)):
                     self.connections.slots.release()
-                    continue
-                task = asyncio.get_running_loop().create_task(self._run(group))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                for group in groups:
+                    task = asyncio.get_running_loop().create_task(self._run(group))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
 
-    def _take_group(self) -> Group | None:
+    def _take_groups(self, free: int) -> list[Group]:
+        """The pending jobs that share the first one's options (up to max_batch prompts), dealt over up to `free`
+        queries, each on a connection of its own (a backend, so a core, each), as `gpt-sql run --batch --jobs`
+        deals its prompts."""
         if not self.pending:
-            return None
+            return []
         first = self.pending[0]
         jobs, n = [], 0
         for job in list(self.pending):
@@ -226,10 +237,14 @@ class Batcher:
                 jobs.append(job)
                 n += len(job.prompts)
                 self.pending.remove(job)
-        group = Group(jobs)
-        for job in jobs:
-            job.group = group
-        return group
+        shares: list[list[Job]] = [[] for _ in range(min(free, len(jobs)))]
+        for job in sorted(jobs, key=lambda j: -len(j.prompts)):  # the most prompts to the share that has fewest
+            min(shares, key=lambda share: sum(len(j.prompts) for j in share)).append(job)
+        groups = [Group(share) for share in shares]
+        for group in groups:
+            for job in group.jobs:
+                job.group = group
+        return groups
 
     async def _run(self, group: Group) -> None:
         """The group's query on a connection whose slot serve() took for it."""

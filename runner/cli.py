@@ -28,6 +28,7 @@ from .batch import BatchFileError, check_lengths, completions_numpy, open_items,
 from .engine import (Batch, GenerationError, NumpyEngine, Params, check_text, classify_sql, embed_sql,
                      generate_sql, inspect_sql, next_sql, score_sql, tokenize_sql)
 from .models import ModelError, list_models, read_model, resolve_model
+from .models import model_names as list_models_names
 from ..loader.checkpoint import (DTYPES, CheckpointError, as_dtype, check_room, open_checkpoint, read_checkpoint,
                                  read_hparams)
 from ..loader.load import LoadError, drop, load
@@ -415,12 +416,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not 0 <= a.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {a.port}")
     conn, model = _run_model(a)  # a model to serve, loaded now if none is (as `run` does)
+    served = [model] if a.model else list_models_names(conn)
     conn.close()
     try:
         serve(lambda: connect(a.dsn), a.host, a.port, a.model, a.api_key, a.insecure_no_api_key,
               workers=max(1, min(4, os.cpu_count() or 1)),
-              announce=lambda url: print(f"gpt-sql: serving {a.model or 'every loaded model'} (default {model}) "
-                                         f"at {url}  (OpenAI API: {url}v1; Ctrl-C stops)", flush=True))
+              announce=lambda url: print(f"gpt-sql: serving {', '.join(served)} at {url}  (OpenAI API: {url}v1; "
+                                         f"Ctrl-C stops)", flush=True))
     except ServeError as e:
         raise UsageError(str(e))
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then raised the Ctrl-C it caught again: not an error here

@@ -15,7 +15,8 @@ import ipaddress
 import json
 import random
 import socket
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
 
@@ -64,12 +65,14 @@ class ModelInfo:
     eot: int
     tokenizer: Tokenizer
     created: int
+    lock: threading.Lock = field(default_factory=threading.Lock)  # requests count tokens in threads of their own
 
     def count(self, text: str) -> int:
         """Tokens of a prompt as the query sees it (an empty one is <|endoftext|> alone)."""
-        if len(self.tokenizer._cache) > TOKENIZER_CACHE:
-            self.tokenizer._cache.clear()
-        return max(1, len(self.tokenizer.encode(text)))
+        with self.lock:
+            if len(self.tokenizer._cache) > TOKENIZER_CACHE:
+                self.tokenizer._cache.clear()
+            return max(1, len(self.tokenizer.encode(text)))
 
     def text(self, token: int) -> str:
         return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")

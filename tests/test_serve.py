@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -41,9 +42,10 @@ class Server:
             return e.code, json.loads(e.read())
 
 
-def start(dsn: str, *args: str) -> Server:
+def start(dsn: str, *args: str, env: dict | None = None) -> Server:
     proc = subprocess.Popen([sys.executable, "-m", "gpt_sql.runner.cli", "serve", "--port", "0", "--dsn", dsn,
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     line = proc.stdout.readline()
     if "http://" not in line:
         proc.kill()
@@ -251,9 +253,11 @@ def test_concurrent_requests_run_as_one_query(server, conn):
     prompts = ["Happy New Year", "The quick brown fox", "SELECT token", "I wish you", "naïve café"]
     results: dict[int, tuple[str, int]] = {}
 
+    clients = [server.client() for _ in prompts]  # made first: the requests leave together
+
     def ask(k: int) -> None:
-        raw = server.client().completions.with_raw_response.create(model=MODEL, prompt=prompts[k], max_tokens=6,
-                                                                   temperature=0)
+        raw = clients[k].completions.with_raw_response.create(model=MODEL, prompt=prompts[k], max_tokens=6,
+                                                              temperature=0)
         results[k] = raw.parse().choices[0].text, int(raw.headers["x-gpt-sql-batch-prompts"])
 
     threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(prompts))]
@@ -263,6 +267,21 @@ def test_concurrent_requests_run_as_one_query(server, conn):
         t.join(60)
     assert [results[k][0] for k in range(len(prompts))] == [complete_sql(conn, p, 6) for p in prompts]
     assert max(n for _, n in results.values()) > 1, results  # some ran together
+
+
+def test_gathered_requests_share_the_idle_connections(server):
+    """Four requests at once (sent back to back) on a server with two connections: two queries of two prompts."""
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    conns = [http.client.HTTPConnection(host, int(port), timeout=60) for _ in range(4)]
+    for k, c in enumerate(conns):
+        c.connect()
+    for k, c in enumerate(conns):
+        c.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                  body=json.dumps({"model": MODEL, "prompt": f"word {k}", "max_tokens": 4, "temperature": 0}))
+    sizes = sorted(int(c.getresponse().headers["x-gpt-sql-batch-prompts"]) for c in conns)
+    for c in conns:
+        c.close()
+    assert sizes == [2, 2, 2, 2]
 
 
 def test_different_options_run_apart(server):
@@ -297,7 +316,7 @@ def test_disconnect_cancels_the_query(dsn, conn, load_tiny):
     """A client that goes away mid-generation (streamed or not): its query is cancelled and its backend is free
     within a second."""
     load_tiny("serve_slow", n_embd=64, n_head=4, n_layer=4, n_ctx=1024)
-    slow = start(dsn, "--model", "serve_slow")
+    slow = start(dsn, "--model", "serve_slow", env={"GPT_SQL_SERVE_SPLIT": "0"})  # gathered requests: one query
     host, port = slow.url.split("//")[1].rstrip("/").split(":")
     try:
         for stream in (True, False):
