@@ -586,7 +586,9 @@ def parser() -> argparse.ArgumentParser:
                         "--api-key, or --insecure-no-api-key to serve whoever can reach it")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--model", help="serve only this model (schema); default: every loaded model")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every API request")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("GPT_SQL_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every API request (default: $GPT_SQL_API_KEY, "
+                        "which other users cannot read in the process list)")
     p.add_argument("--insecure-no-api-key", action="store_true",
                    help="allow a --host beyond localhost without --api-key: anyone who reaches it can run queries")
 

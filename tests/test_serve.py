@@ -224,6 +224,19 @@ def test_not_json_and_too_large(server):
     c.close()
 
 
+def test_api_key_from_the_environment(dsn, load_tiny):
+    load_tiny(MODEL, **SHAPE)
+    s = start(dsn, "--model", MODEL, env={"GPT_SQL_API_KEY": "from-env"})
+    try:
+        status, out = s.post("/v1/embeddings", {"model": MODEL, "input": "hi"})
+        assert status == 401
+        status, out = s.post("/v1/embeddings", {"model": MODEL, "input": "hi"},
+                             headers={"Authorization": "Bearer from-env"})
+        assert status == 200
+    finally:
+        stop(s)
+
+
 def test_only_json_and_only_local_names(server):
     """A page elsewhere can send a form or text/plain without asking (no CORS preflight): refused. A name pointed at
     127.0.0.1 by someone else (DNS rebinding): refused."""
