@@ -28,6 +28,7 @@ from .batch import BatchFileError, check_lengths, completions_numpy, open_items,
 from .engine import (Batch, GenerationError, NumpyEngine, Params, check_text, classify_sql, embed_sql,
                      generate_sql, inspect_sql, next_sql, score_sql, tokenize_sql)
 from .models import ModelError, list_models, read_model, resolve_model
+from .models import model_names as list_models_names
 from ..loader.checkpoint import (DTYPES, CheckpointError, as_dtype, check_room, open_checkpoint, read_checkpoint,
                                  read_hparams)
 from ..loader.load import LoadError, drop, load
@@ -413,6 +414,27 @@ def cmd_download(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import ServeError, run as serve
+
+    if not 0 <= a.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {a.port}")
+    conn, model = _run_model(a)  # a model to serve, loaded now if none is (as `run` does)
+    served = [model] if a.model else list_models_names(conn)
+    conn.close()
+    try:
+        serve(lambda: connect(a.dsn), a.host, a.port, a.model, a.api_key, a.insecure_no_api_key,
+              workers=max(1, min(4, os.cpu_count() or 1)),
+              announce=lambda url: print(f"gpt-sql: serving {', '.join(served)} at {url}  (OpenAI API: {url}v1; "
+                                         f"Ctrl-C stops)", flush=True))
+    except ServeError as e:
+        raise UsageError(str(e))
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then raised the Ctrl-C it caught again: not an error here
+        pass
+    print("gpt-sql: stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_server(a: argparse.Namespace) -> int:
     if a.action == "start":
         print(embedded_uri(start=True))
@@ -561,6 +583,19 @@ def parser() -> argparse.ArgumentParser:
     p = add("download", cmd_download, "download OpenAI's GPT-2 checkpoint", db=False)
     p.add_argument("size", help="124M, 355M, 774M or 1558M")
     p.add_argument("--cache", help="directory (default: the user cache dir, or $GPT_SQL_CACHE)")
+
+    p = add("serve", cmd_serve, "serve an OpenAI-compatible API (/v1/completions, /v1/embeddings, /v1/models) and a "
+                                 "page that shows the model at work (/), over HTTP")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only). Any other address needs "
+                        "--api-key, or --insecure-no-api-key to serve whoever can reach it")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--model", help="serve only this model (schema); default: every loaded model")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("GPT_SQL_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every API request (default: $GPT_SQL_API_KEY, "
+                        "which other users cannot read in the process list)")
+    p.add_argument("--insecure-no-api-key", action="store_true",
+                   help="allow a --host beyond localhost without --api-key: anyone who reaches it can run queries")
 
     p = add("server", cmd_server, "manage the embedded PostgreSQL server", db=False)
     p.add_argument("action", choices=("status", "start", "stop"))
