@@ -1,4 +1,4 @@
--- gpt-sql: GPT-2 text generation as one recursive SQL query (PostgreSQL >= 15, pgvector >= 0.7).
+-- gpt-sql: GPT-2 text generation as one recursive SQL query (PostgreSQL >= 14, pgvector >= 0.7: runner/versions.py).
 --
 -- The model is the one on search_path (SET search_path = gpt2_124m, public). Parameters are settings:
 --   SET gpt.prompt = 'Happy New Year!';  -- '' starts unconditionally from <|endoftext|>
