@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import psycopg
@@ -201,3 +202,62 @@ def test_timeout_and_cancel_stop_every_worker(session, conn, model, how):
         assert why in str(outcome["error"])
         assert_nothing_running(conn, leader)
         session.execute("RESET statement_timeout")
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_statements() -> list[str]:
+    """The statements of the ```sql blocks of the README's paragraph on parallel workers, in order."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("**Over a table, on every core.**"):]
+    section = section[:section.index("\n## ")]
+    statements = []
+    for block in section.split("```sql")[1:]:
+        code = "\n".join(line.split("--")[0] for line in block[:block.index("```")].splitlines())
+        statements += [s.strip() for s in code.split(";") if s.strip()]
+    return statements
+
+
+def test_readme_parallel_forms(session, conn, model):
+    """The README's statements run as written, and each one it says spreads gets a Gather with its workers, the
+    UPDATE none; the form it warns of (ORDER BY the key) leaves every row to one process."""
+    statements = [s.replace("gpt2_124m.", f"{model}.") for s in readme_statements()]
+    calls = [s for s in statements if f"{model}." in s]  # every one a SELECT or CREATE ... AS, said to spread
+    assert len(statements) == 9 and len(calls) == 7, statements
+    n_embd = SHAPE["n_embd"]
+    schema = f"par_readme_{uuid.uuid4().hex[:8]}"
+    session.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        session.execute(sql.SQL("SET search_path = {}, public").format(sql.Identifier(schema)))
+        bodies = texts(8)
+        for name, columns in (("comments", "body text"), ("reviews", "body text"),
+                              ("articles", f"title text, embedding vector({n_embd})")):
+            session.execute(sql.SQL(f"CREATE TABLE {{}} (id int PRIMARY KEY, {columns}, pad text)"
+                                    " WITH (fillfactor = 10, parallel_workers = 2)").format(sql.Identifier(name)))
+            session.execute(sql.SQL("INSERT INTO {} (id, {}, pad) SELECT i, b, rpad('', 600) FROM"
+                                    " unnest(%s::text[]) WITH ORDINALITY AS u(b, i)").format(
+                sql.Identifier(name), sql.Identifier(columns.split()[0])), (bodies,))
+            session.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(name)))
+        for statement in statements:
+            plan = explain_analyze(session, sql.SQL(statement))
+            gathers = [n for n in plan if n["Node Type"] in ("Gather", "Gather Merge")]
+            if statement in calls:
+                assert gathers and gathers[0]["Workers Launched"] == 2, (statement, [n["Node Type"] for n in plan])
+            elif statement.startswith("UPDATE"):
+                assert not gathers, statement
+        assert session.execute("SELECT count(*) FROM articles WHERE embedding IS NOT NULL").fetchone()[0] == 8
+        # the trap, where the planner takes it (forced here: which it takes depends on the costs): each process's
+        # rows of the Parallel Index Scan, the leader's being the rest
+        session.execute("SET enable_seqscan = off")
+        plan = explain_analyze(session, sql.SQL(f"SELECT id, {model}.perplexity(body) FROM comments ORDER BY id"))
+        session.execute("RESET enable_seqscan")
+        scan = next(n for n in plan if n.get("Parallel Aware"))
+        assert scan["Node Type"] == "Index Scan", scan["Node Type"]
+        per_worker = [w["Actual Rows"] for w in scan["Workers"]]
+        processes = per_worker + [round(scan["Actual Rows"] * scan["Actual Loops"] - sum(per_worker))]
+        assert sorted(processes)[-1] == 8 and sum(processes) == 8, processes
+    finally:
+        session.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+        session.execute("DROP TABLE IF EXISTS pg_temp.e")
+    assert_nothing_running(conn, session.info.backend_pid)
