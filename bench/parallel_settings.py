@@ -17,8 +17,9 @@ round, so that a slow spell of the machine falls on all of them:
 Measurements: the prefill of a 10-token prompt and the decode steps after it (median of --steps), the prefill of a
 100-token prompt (the runner's streamed query); `SELECT model.perplexity(text)` of a 100-token text (the function's
 own plan); a 5-token generation after the 10-token prompt sent as psql sends sql/generate.sql (no cursor, so a
-parallel plan is allowed). Prints the median and the spread of each over the rounds. Leaves the model as gpt-sql
-declares it (guarded).
+parallel plan is allowed). Prints whether the plans of the query sent as psql sends it differ between the variants,
+then the median and the spread of each measurement over the rounds. Leaves the model as gpt-sql declares it
+(guarded).
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ def measure(conn, schema: str, short: str, long: str, steps: int) -> dict[str, f
     return out
 
 
+def plan(conn, schema: str, kind: str, task: str, prompt: str) -> str:
+    """EXPLAIN (COSTS OFF) of a query variant as psql sends it (no cursor, the session's parallel setting)."""
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL search_path = {}, public").format(sql.Identifier(schema)))
+        for k, v in {"gpt.prompt": prompt, "gpt.tokens": "5", "gpt.task": task, "work_mem": "512MB"}.items():
+            conn.execute("SELECT set_config(%s, %s, true)", (k, v))
+        return "\n".join(r[0] for r in conn.execute("EXPLAIN (COSTS OFF) " + queries.query(kind)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--model", default="bench_124m", help="a loaded model, or bench_124m (loaded when missing)")
@@ -110,6 +120,15 @@ def main() -> int:
     cost = function_cost(conn.cursor(), a.model)
     results: dict[str, dict[str, list[float]]] = {v: {} for v in VARIANTS}
     try:
+        plans = {}
+        for variant in VARIANTS:
+            apply(conn, a.model, variant, cost)
+            plans[variant] = [plan(conn, a.model, kind, task, long) for kind, task in
+                              (("generate", ""), ("perplexity", "score"), ("embed", "embed"))]
+        same = all(plans[v] == plans["before"] for v in VARIANTS)
+        gather = any("Gather" in p for v in VARIANTS for p in plans[v])
+        print(f"the query's plans as psql sends it (generate, perplexity, embed): {'' if same else 'NOT '}the same"
+              f" under every variant; {'a' if gather else 'no'} Gather in any\n")
         apply(conn, a.model, "guarded", cost)
         measure(conn, a.model, short, prompt_of(tokenizer, 20), 2)  # the caches warm
         for r in range(a.rounds):
