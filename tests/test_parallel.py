@@ -261,3 +261,20 @@ def test_readme_parallel_forms(session, conn, model):
         session.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
         session.execute("DROP TABLE IF EXISTS pg_temp.e")
     assert_nothing_running(conn, session.info.backend_pid)
+
+
+def test_an_error_in_a_worker_reaches_the_client(session, conn, model):
+    """A text too long for the model, in a row a worker computes (the leader computes none here): the statement
+    fails with raise_error's one-line message (PARALLEL SAFE: a worker's error reaches the leader as it is), and
+    nothing runs on."""
+    rows = texts(12)
+    rows[-1] = " ".join(WORDS * 6)  # far beyond n_ctx = 64 tokens
+    session.execute("SET parallel_leader_participation = off")
+    with table(session, rows) as t:
+        statement = sql.SQL("SELECT id, {}.perplexity(body) FROM {}").format(sql.Identifier(model), sql.Identifier(t))
+        assert "Gather" in "\n".join(r[0] for r in session.execute(sql.SQL("EXPLAIN ") + statement))
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+            session.execute(statement).fetchall()
+        assert "n_ctx = 64" in e.value.diag.message_primary, e.value.diag.message_primary
+        assert "parallel worker" in (e.value.diag.context or ""), e.value.diag.context
+        assert_nothing_running(conn, session.info.backend_pid)
