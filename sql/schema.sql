@@ -93,8 +93,10 @@ CREATE FUNCTION columns_of(m real[]) RETURNS vector[]
                  ORDER BY j)
 $$;
 
--- vector_cat: vectors end to end, in the aggregate's order (a several-position linear's output from its tiles)
-CREATE AGGREGATE vector_cat(vector) (SFUNC = vector_concat, STYPE = vector);
+-- vector_cat: vectors end to end, in the aggregate's order (a several-position linear's output from its tiles).
+-- PARALLEL SAFE, as vector_concat is, so that a model function may run in a parallel worker (no combine function:
+-- it is never split across workers, only run whole in one)
+CREATE AGGREGATE vector_cat(vector) (SFUNC = vector_concat, STYPE = vector, PARALLEL = SAFE);
 
 -- head_cache: one attention head's KV cache in the query's recursive state: its keys, one hd-vector per position,
 -- and its values transposed, one vector over the positions per column.
@@ -112,8 +114,11 @@ CREATE TYPE seq_cache AS (heads head_cache[]);
 -- generated (texts, for stop strings)
 CREATE TYPE seq_state AS (i int[], past int[], lens int[], inputs int[], slots int[], texts bytea[]);
 
--- SQL has no RAISE; the query calls this to stop with a message a user can act on
-CREATE FUNCTION raise_error(message text) RETURNS int LANGUAGE plpgsql AS $$
+-- SQL has no RAISE; the query calls this to stop with a message a user can act on.
+-- VOLATILE, though it changes nothing: the planner evaluates an IMMUTABLE call with constant arguments while it
+-- plans (and a STABLE one while it estimates), which would raise the error from a CASE branch that is never taken.
+-- PARALLEL SAFE: an error raised in a parallel worker reaches the leader and the client as it is.
+CREATE FUNCTION raise_error(message text) RETURNS int LANGUAGE plpgsql VOLATILE PARALLEL SAFE AS $$
 BEGIN
     RAISE EXCEPTION USING MESSAGE = message, ERRCODE = '22023';
 END $$;

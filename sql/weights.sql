@@ -25,8 +25,9 @@ CREATE FUNCTION tile_rows("row" anyelement) RETURNS int
 -- product there: the several-position form reads (weights, bias) pairs by a scan of unnest that each position
 -- rewinds (a scan that copies its tile, which is why a tile is small); OFFSET 0 keeps each product a value of its
 -- own (gelu, inlined, reads its argument 4 times).
+-- PARALLEL SAFE: it only reads the weights, so a model function may run it in a parallel worker.
 CREATE FUNCTION linear(hs anyarray, m text, l int, c int, act text DEFAULT NULL) RETURNS TABLE (ys vector[])
-    LANGUAGE sql STABLE AS $$
+    LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN cardinality(hs) = 1 AND act = 'gelu'
            THEN ARRAY[ARRAY(SELECT gelu(y.y)
                             FROM (SELECT inner_product(one.h, w.w) + w.b AS y, w.col

@@ -184,7 +184,9 @@ def test_server_settings(db):
     shared = _size_bytes(s["shared_buffers"])
     assert shared >= 512 * 1024**2, "GPT-2 124M fp32 weights alone are ~500 MB"
     assert s.get("jit") == "off"
-    assert s.get("max_parallel_workers_per_gather") == "0"
+    # a parallel worker per core (GPT_SQL_CORES, since compose cannot count the host's) for SELECT f(col) FROM t
+    assert s.get("max_parallel_workers_per_gather") == "${GPT_SQL_CORES:-2}"
+    assert s.get("max_parallel_workers") == "${GPT_SQL_CORES:-2}"
     assert "work_mem" in s
     shm = db.get("shm_size")
     assert shm is not None, "shm_size is needed with large shared_buffers"
