@@ -438,23 +438,27 @@ def cmd_fill(a: argparse.Namespace) -> int:
     sampling = fill.Sampling(a.tokens, a.temperature, a.top_n, a.top_p, tuple(a.stop or ()), a.seed)
     task = fill.Task(a.task, sampling, a.layer, tuple(a.choices or ()))
     connect_compute = (lambda: connect(a.compute_dsn)) if a.compute_dsn else None
-    bar = tqdm(unit="row", file=sys.stderr, disable=not sys.stderr.isatty(), desc=f"fill {a.into}", dynamic_ncols=True)
     stop = threading.Event()
+    bars = []  # made once the rows to visit are counted, so that it shows the ETA from the start
+
+    def start(total: int) -> None:
+        bars.append(tqdm(total=total, unit="row", file=sys.stderr, disable=not sys.stderr.isatty(),
+                         desc=f"fill {a.into}", dynamic_ncols=True))
 
     def interrupt(signum, frame) -> None:  # the first Ctrl-C ends the run after the batches in flight; a second, now
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        bar.write("gpt-sql: stopping after the batch in flight (Ctrl-C again to stop now)", file=sys.stderr)
+        tqdm.write("gpt-sql: stopping after the batch in flight (Ctrl-C again to stop now)", file=sys.stderr)
 
     before = signal.signal(signal.SIGINT, interrupt)
     try:
         summary = fill.fill(lambda: connect(a.dsn), connect_compute, task, a.table, a.text, a.into, a.key, a.model,
-                            a.jobs, a.batch, on_start=lambda total: bar.reset(total=total), on_rows=bar.update,
-                            stop=stop)
+                            a.jobs, a.batch, on_start=start, on_rows=lambda n: bars[0].update(n), stop=stop)
     finally:
         signal.signal(signal.SIGINT, before)
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(summary.json() if a.json else summary.line())
     if summary.interrupted:
         print(f"gpt-sql: interrupted: filled {summary.filled} of {summary.total} rows; the same command fills the "

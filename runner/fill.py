@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import psycopg
 from psycopg import sql
 
-from .engine import Batch, _rows as query_rows
+from .engine import Batch, GenerationError, _rows as query_rows
 from .models import ModelError, read_vocabulary, resolve_model
 from .tokenizer import Tokenizer
 
@@ -202,15 +202,16 @@ def _target_kind(task: Task, into: str, column: tuple, n_embd: int, model: str) 
 # --- reading, computing and writing batches ----------------------------------------------------------------------
 
 def pending(conn: psycopg.Connection, t: Target) -> int:
-    return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
-        t.table, sql.Identifier(t.into))).fetchone()[0]
+    """The rows a run would visit: target NULL, and a key to write it by (a unique column may hold NULLs)."""
+    return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL AND {} IS NOT NULL").format(
+        t.table, sql.Identifier(t.into), sql.Identifier(t.key))).fetchone()[0]
 
 
 def batches(conn: psycopg.Connection, t: Target, size: int) -> Iterator[list[Row]]:
     """The rows whose target is NULL, in key order, `size` at a time: each page a statement of its own (key > the
     last one's), so no snapshot or lock is held across the run."""
     k, x, y = sql.Identifier(t.key), sql.Identifier(t.text), sql.Identifier(t.into)
-    select = "SELECT r.{k}, r.{k}::text, r.{x} FROM {t} AS r WHERE r.{y} IS NULL"
+    select = "SELECT r.{k}, r.{k}::text, r.{x} FROM {t} AS r WHERE r.{y} IS NULL AND r.{k} IS NOT NULL"
     first = sql.SQL(select + " ORDER BY r.{k} LIMIT %s").format(k=k, x=x, y=y, t=t.table)
     after = sql.SQL(select + " AND r.{k} > %s ORDER BY r.{k} LIMIT %s").format(k=k, x=x, y=y, t=t.table)
     rows = [Row(*r) for r in conn.execute(first, [size])]
@@ -279,6 +280,22 @@ def compute(conn: psycopg.Connection, model: str, task: Task, rows: list[Row]) -
     return out
 
 
+RECOVERY_CONFLICT_TRIES = 3
+
+
+def compute_on_standby(conn: psycopg.Connection, model: str, task: Task, rows: list[Row]) -> list[object]:
+    """compute() on another server: a standby cancels a query whose rows the primary's replay removes (a conflict
+    with recovery); the models' tables do not change, but other replay can conflict too, so such a batch is tried
+    again, a few times."""
+    for attempt in range(1, RECOVERY_CONFLICT_TRIES + 1):
+        try:
+            return compute(conn, model, task, rows)
+        except GenerationError as e:
+            if "conflict with recovery" not in str(e) or attempt == RECOVERY_CONFLICT_TRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else str(v).replace("inf", "Infinity").replace("nan", "NaN")
 
@@ -341,7 +358,7 @@ def do_batch(write_conn: psycopg.Connection, compute_conn: psycopg.Connection | 
     written: set[str] = set()
     if todo:
         if compute_conn is not None:
-            values = compute(compute_conn, model, task, todo)
+            values = compute_on_standby(compute_conn, model, task, todo)
         with write_conn.transaction():
             if compute_conn is None:
                 values = compute(write_conn, model, task, todo)

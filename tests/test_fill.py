@@ -302,3 +302,49 @@ def test_compute_on_a_standby_write_through_the_primary(conn, dsn, standby):
     assert model_reads(standby) > on_standby and model_reads(dsn) == on_primary
     r = fill("perplexity", "--table", "fill_replica", "--text", "body", "--into", "ppl", "--dsn", standby)
     assert r.returncode == 1 and "--dsn names a standby" in r.stderr
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+def test_help_states_the_seed_derivation():
+    r = gpt_sql("fill", "--help")
+    assert r.returncode == 0 and "usage: gpt-sql fill" in r.stdout
+    assert "md5('SEED:KEY')" in " ".join(r.stdout.split())
+
+
+def run_on_a_terminal(args: list[str]) -> tuple[int, str, str]:
+    """The command with stderr on a pseudo-terminal of 100 columns (stdout a pipe): its exit code, stdout, and
+    what the terminal showed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_sql.runner.cli", *args], stdout=subprocess.PIPE,
+                            stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the terminal's other end closed
+            break
+        if not data:
+            break
+        shown += data
+    os.close(master)
+    out = proc.stdout.read().decode()
+    return proc.wait(), out, shown.decode(errors="replace")
+
+
+def test_a_progress_bar_on_a_terminal_nothing_on_a_pipe(conn, model):
+    make_table(conn, "fill_bar", TEXTS * 2)
+    args = ["fill", *SLOW, "--table", "fill_bar", "--text", "body", "--into", "done", "--model", MODEL]
+    code, out, shown = run_on_a_terminal(args)
+    assert code == 0 and out.startswith(f"filled {2 * len(TEXTS)} rows"), shown
+    assert f"{2 * len(TEXTS)}/{2 * len(TEXTS)} [" in shown and "row/s]" in shown
+    conn.execute("UPDATE fill_bar SET done = NULL")
+    r = fill(*SLOW, "--table", "fill_bar", "--text", "body", "--into", "done")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith(f"filled {2 * len(TEXTS)} rows")
