@@ -77,7 +77,8 @@ def fill_rows_per_second(conn: psycopg.Connection, schema: str, task: str, jobs:
     return filled / wall, wall
 
 
-def one_backend_rows_per_second(conn: psycopg.Connection, schema: str, task: str, tokens: int = 20) -> tuple[float, float]:
+def one_backend_rows_per_second(conn: psycopg.Connection, schema: str, task: str,
+                                tokens: int = 20) -> tuple[float, float]:
     """The column filled by one UPDATE calling the model's function row by row, in one backend: (rows/s, seconds)."""
     column = COLUMNS[task]
     clear(conn, column)

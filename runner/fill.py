@@ -80,6 +80,7 @@ class Row:
 class Summary:
     total: int  # rows whose target was NULL when the run started
     filled: int = 0
+    visited: int = 0  # filled or skipped
     skipped: dict[str, list[str]] = field(default_factory=lambda: {reason: [] for reason in SKIPS})
     seconds: float = 0.0
     interrupted: bool = False
@@ -232,11 +233,12 @@ class Lengths:
         self.lock = threading.Lock()
 
     def _count(self, text: str) -> int:
-        with self.lock:
+        with self.lock:  # read once, by the first job that needs it; the jobs then tokenize at once
             if self.tokenizer is None:
                 with self.connect() as conn:
                     self.tokenizer = Tokenizer(*read_vocabulary(conn, self.model))
-        return len(self.tokenizer.encode(text))
+            tokenizer = self.tokenizer
+        return len(tokenizer.encode(text))
 
     def fits(self, text: str) -> bool:
         task = self.task
@@ -263,7 +265,8 @@ def compute(conn: psycopg.Connection, model: str, task: Task, rows: list[Row]) -
         got = dict(query_rows(conn, model, "perplexity", {"gpt.prompts": texts, "gpt.task": "score"}, stream=False))
         return [_json_float(got[i]) for i in range(1, len(rows) + 1)]
     if task.name == "embed":
-        settings = {"gpt.prompts": texts, "gpt.task": "embed", "gpt.layer": "" if task.layer is None else str(task.layer)}
+        layer = "" if task.layer is None else str(task.layer)
+        settings = {"gpt.prompts": texts, "gpt.task": "embed", "gpt.layer": layer}
         got = dict(query_rows(conn, model, "embed", settings, stream=False))
         return [_vector_text(got[i]) for i in range(1, len(rows) + 1)]
     if task.name == "complete":
@@ -337,6 +340,7 @@ class Run:
     def done(self, filled: int, skipped: dict[str, list[str]], n: int) -> None:
         with self.lock:
             self.summary.filled += filled
+            self.summary.visited += n
             for reason, keys in skipped.items():
                 self.summary.skipped[reason] += keys
             self.on_rows(n)
@@ -391,7 +395,8 @@ def fill(connect_write: Callable[[], psycopg.Connection], connect_compute: Calla
     finally:
         reader.close()
     run.summary.seconds = time.monotonic() - start
-    run.summary.interrupted = run.stop.is_set() and run.error is None
+    # stopped before the end: a Ctrl-C after the last batch was taken interrupts nothing
+    run.summary.interrupted = run.stop.is_set() and run.error is None and run.summary.visited < run.summary.total
     if run.error is not None:
         raise run.error
     return run.summary
