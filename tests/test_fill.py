@@ -348,3 +348,17 @@ def test_a_progress_bar_on_a_terminal_nothing_on_a_pipe(conn, model):
     conn.execute("UPDATE fill_bar SET done = NULL")
     r = fill(*SLOW, "--table", "fill_bar", "--text", "body", "--into", "done")
     assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith(f"filled {2 * len(TEXTS)} rows")
+
+
+def test_complete_takes_runs_sampling_options(conn, model):
+    make_table(conn, "fill_sampling", TEXTS)
+    r = fill("complete", "--table", "fill_sampling", "--text", "body", "--into", "done", "--tokens", "8", "--seed",
+             "-5", "--temperature", "0.7", "--top-n", "9", "--top-p", "0.9", "--stop", " ", "--stop", "e")
+    assert r.returncode == 0, r.stderr
+    # complete() is NULL where a stop string comes first; fill writes the empty completion, so the row is done
+    want = dict(conn.execute(
+        "SELECT id, coalesce(fill_tiny.complete(body, 8, 0.7, 9, ('x' || left(md5('-5:' || id::text), 16))::bit(64)"
+        "::bigint, ARRAY[' ', 'e'], 0.9), '') FROM fill_sampling").fetchall())
+    got = column(conn, "fill_sampling", "done")
+    assert got == want and not any(" " in v or "e" in v for v in got.values())
+    assert "" in got.values() and len(set(got.values())) > 3
