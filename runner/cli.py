@@ -10,7 +10,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -25,6 +27,7 @@ from .progress import waiting
 from .grant import GrantError, grant
 from . import inspect_view
 from .batch import BatchFileError, check_lengths, completions_numpy, open_items, run_jobs
+from . import fill
 from .engine import (Batch, GenerationError, NumpyEngine, Params, check_text, classify_sql, embed_sql,
                      generate_sql, inspect_sql, next_sql, score_sql, tokenize_sql)
 from .models import ModelError, list_models, read_model, resolve_model
@@ -34,7 +37,7 @@ from ..loader.checkpoint import (DTYPES, CheckpointError, as_dtype, check_room, 
 from ..loader.load import LoadError, drop, load
 
 USER_ERRORS = (DatabaseError, GenerationError, ModelError, CheckpointError, LoadError, GrantError,
-               inspect_view.InspectViewError, BatchFileError)
+               inspect_view.InspectViewError, BatchFileError, fill.FillError)
 
 
 T = TypeVar("T")
@@ -449,6 +452,47 @@ def cmd_server(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fill(a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if a.task == "classify" and not a.choices:
+        raise UsageError("classify needs --choices")
+    if a.task != "classify" and a.choices:
+        raise UsageError("--choices goes with classify")
+    if a.task != "embed" and a.layer is not None:
+        raise UsageError("--layer goes with embed")
+    sampling = fill.Sampling(a.tokens, a.temperature, a.top_n, a.top_p, tuple(a.stop or ()), a.seed)
+    task = fill.Task(a.task, sampling, a.layer, tuple(a.choices or ()))
+    connect_compute = (lambda: connect(a.compute_dsn)) if a.compute_dsn else None
+    stop = threading.Event()
+    bars = []  # made once the rows to visit are counted, so that it shows the ETA from the start
+
+    def start(total: int) -> None:
+        bars.append(tqdm(total=total, unit="row", file=sys.stderr, disable=not sys.stderr.isatty(),
+                         desc=f"fill {a.into}", dynamic_ncols=True))
+
+    def interrupt(signum, frame) -> None:  # the first Ctrl-C ends the run after the batches in flight; a second, now
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        tqdm.write("gpt-sql: stopping after the batch in flight (Ctrl-C again to stop now)", file=sys.stderr)
+
+    before = signal.signal(signal.SIGINT, interrupt)
+    try:
+        summary = fill.fill(lambda: connect(a.dsn), connect_compute, task, a.table, a.text, a.into, a.key, a.model,
+                            a.jobs, a.batch, on_start=start, on_rows=lambda n: bars[0].update(n), stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, before)
+        for bar in bars:
+            bar.close()
+    print(summary.json() if a.json else summary.line())
+    if summary.interrupted:
+        print(f"gpt-sql: interrupted: filled {summary.filled} of {summary.total} rows; the same command fills the "
+              f"rest", file=sys.stderr)
+        return 130
+    return 0
+
+
 # --- argument parsing -------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
@@ -519,6 +563,42 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model (schema) name; default: the loaded model")
     p.add_argument("--json", action="store_true", help="print one JSON object: choice -> probability")
     engine_options(p)
+
+    p = add("fill", cmd_fill, "fill a column from a text column, row by row, with a model function: only the rows "
+                               "whose target IS NULL, in batches each computed and written in one transaction, so an "
+                               "interrupted run loses at most its batches in flight and the same command finishes it")
+    p.add_argument("task", choices=fill.TASKS, metavar="TASK",
+                   help="complete, embed, perplexity or classify. complete: the text's completion (text column); "
+                        "embed: its embedding (vector or halfvec of "
+                        "n_embd dimensions); perplexity (float column); classify: with --choices, the likeliest choice "
+                        "(text column) or every choice's probability (jsonb column)")
+    p.add_argument("--table", required=True, help="the table, schema-qualified or found on search_path")
+    p.add_argument("--text", required=True, metavar="COLUMN", help="the column of texts")
+    p.add_argument("--into", required=True, metavar="COLUMN", help="the column to fill (where it IS NULL)")
+    p.add_argument("--key", metavar="COLUMN", help="a column with a unique index naming each row (default: the "
+                                                   "primary key)")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="connections at once, each on its own batches (one core each; default 1)")
+    p.add_argument("--batch", type=positive_int, default=8, help="rows per batch and transaction (default 8)")
+    p.add_argument("--model", help="model (schema) name; default: the loaded model")
+    p.add_argument("--compute-dsn", metavar="DSN",
+                   help="compute on this server instead, e.g. standbys (a multi-host DSN); write through --dsn")
+    p.add_argument("--tokens", type=positive_int, default=10, help="complete: new tokens (default 10)")
+    p.add_argument("--temperature", type=temperature, default=1.0, help="complete: softmax temperature (default 1)")
+    p.add_argument("--top-n", type=positive_int, default=5, help="complete: sample among the n most likely tokens; "
+                                                                 "1 = greedy (default 5)")
+    p.add_argument("--top-p", type=top_p, default=1.0, help="complete: nucleus sampling among the top-n (default 1)")
+    p.add_argument("--stop", action="append", type=stop_text, metavar="TEXT",
+                   help="complete: end where the completion contains TEXT (repeat for several)")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="complete: each row's seed is the first 8 bytes of md5('SEED:KEY') (KEY the row's key as "
+                        "text) as a signed 64-bit integer, in SQL ('x' || left(md5(SEED || ':' || key::text), "
+                        "16))::bit(64)::bigint, so a rerun gives the same text (default 0)")
+    p.add_argument("--layer", type=int, help="embed: after this block (0 = the first) instead of after the last "
+                                             "and ln_f")
+    p.add_argument("--choices", nargs="+", type=choice_text, metavar="CHOICE", help="classify: the choices")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: filled, skipped (counts by reason), skipped_keys, seconds")
 
     p = add("next", cmd_next, "the most likely next tokens and their probabilities, computed in SQL")
     p.add_argument("prompt", type=prompt_text)
