@@ -204,13 +204,13 @@ def test_timeout_and_cancel_stop_every_worker(session, conn, model, how):
         session.execute("RESET statement_timeout")
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+BULK_DOC = Path(__file__).resolve().parents[1] / "docs" / "bulk.md"
 
 
 def readme_statements() -> list[str]:
-    """The statements of the ```sql blocks of the README's paragraph on parallel workers, in order."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("**Over a table, on every core.**"):]
+    """The statements of the ```sql blocks of docs/bulk.md's section on parallel workers, in order."""
+    text = BULK_DOC.read_text(encoding="utf-8")
+    section = text[text.index("## Parallel workers"):]
     section = section[:section.index("\n## ")]
     statements = []
     for block in section.split("```sql")[1:]:
@@ -220,7 +220,7 @@ def readme_statements() -> list[str]:
 
 
 def test_readme_parallel_forms(session, conn, model):
-    """The README's statements run as written, and each one it says spreads gets a Gather with its workers, the
+    """docs/bulk.md's statements run as written, and each one it says spreads gets a Gather with its workers, the
     UPDATE none; the form it warns of (ORDER BY the key) leaves every row to one process."""
     statements = [s.replace("gpt2_124m.", f"{model}.") for s in readme_statements()]
     calls = [s for s in statements if f"{model}." in s]  # every one a SELECT or CREATE ... AS, said to spread
