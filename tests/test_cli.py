@@ -11,6 +11,8 @@ import pytest
 
 from gpt_sql.runner.engine import NumpyEngine, Params
 
+from conftest import require
+
 TINY = dict(n_embd=32, n_head=2, n_layer=2, n_ctx=64, seed=1)
 
 
@@ -145,7 +147,7 @@ def test_errors_are_one_line(tiny, args, message):
 def test_load_openai_format_and_generate(tmp_path):
     """OpenAI's checkpoint layout (TF tensor bundle, hparams.json, encoder.json, vocab.bpe) through `gpt-sql load`
     to a generation equal to NumPy's on the original weights."""
-    pytest.importorskip("tensorflow", reason="writing a TF checkpoint needs the [tf] extra")
+    require("tensorflow", reason="writing a TF checkpoint needs the [tf] extra")
     from tiny import make_checkpoint
     from gpt_sql.loader.openai_format import write_openai
 

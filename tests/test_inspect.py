@@ -15,7 +15,7 @@ from gpt_sql.runner import cli, queries
 from gpt_sql.runner.engine import GenerationError, NumpyEngine, inspect_sql, next_sql
 from gpt_sql.runner.firstrun import bundled_path
 
-from conftest import needs_shared_gpt2
+from conftest import needs_shared_gpt2, require
 
 PROMPTS = ["Happy New Year!", "a", "", "The quick brown fox jumps over the lazy dog. It's 12:30 — time to go!"]
 TOL = 1e-4  # the bound for attention weights and lens probabilities (fp32 agrees far closer)
@@ -138,7 +138,7 @@ def test_cli_terminal_view_and_numpy_engine(conn, load_tiny, dsn, capsys):
 
 
 def test_cli_png(conn, load_tiny, dsn, tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="--png needs matplotlib (the [png] extra)")
+    require("matplotlib", reason="--png needs matplotlib (the [png] extra)")
     load_tiny("inspect_32", n_embd=32, n_head=2, n_layer=2)
     path = tmp_path / "inside.png"
     assert cli.main(["inspect", "Happy New Year!", "--model", "inspect_32", "--dsn", dsn, "--png", str(path)]) == 0
