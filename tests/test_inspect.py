@@ -129,10 +129,13 @@ def test_cli_json(conn, load_tiny, dsn, capsys):
 
 
 def test_cli_terminal_view_and_numpy_engine(conn, load_tiny, dsn, capsys):
-    load_tiny("inspect_32", n_embd=32, n_head=2, n_layer=2)
+    ckpt = load_tiny("inspect_32", n_embd=32, n_head=2, n_layer=2)
     assert cli.main(["inspect", "Happy New Year!", "--model", "inspect_32", "--dsn", dsn]) == 0
     view = capsys.readouterr().out
-    assert "layer 1" in view or "1 " in view
+    n = len(NumpyEngine(ckpt).encode("Happy New Year!"))
+    assert view.startswith(f"{n} tokens, 2 layers x 2 heads\n")
+    for layer in range(2):  # a row of the logit lens and the most backward-looking head, for each layer
+        assert f"after block {layer}" in view and f"layer {layer}: head " in view
     assert cli.main(["inspect", "Happy New Year!", "--model", "inspect_32", "--dsn", dsn, "--engine", "numpy"]) == 0
     assert capsys.readouterr().out == view
 
