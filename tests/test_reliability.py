@@ -702,10 +702,16 @@ def test_future_models(conn, dsn, tiny):
                 sql.SQL(privilege), sql.SQL(what)))
 
 
-def test_grant_some_models_only(conn, dsn, tiny, big):
+@pytest.fixture(scope="module")
+def partial_role(tiny) -> Result:
+    """A role made to run rel_tiny only, for the tests below whichever runs first (or alone)."""
+    return cli("grant", "rel_partial", "--create", "--login", "--model", "rel_tiny")
+
+
+def test_grant_some_models_only(conn, dsn, tiny, big, partial_role):
     from psycopg.conninfo import make_conninfo
 
-    r = cli("grant", "rel_partial", "--create", "--login", "--model", "rel_tiny")
+    r = partial_role
     assert r.rc == 0 and "rel_partial may run rel_tiny;" in r.out, r.err
     with psycopg.connect(make_conninfo(dsn, user="rel_partial"), autocommit=True) as c:
         assert [t.token for t in generate_sql(c, "rel_tiny", Params("hi", 3, seed=1))] == reference(tiny, "hi", 3, 1)
@@ -713,8 +719,9 @@ def test_grant_some_models_only(conn, dsn, tiny, big):
             list(generate_sql(c, "rel_big", Params("hi", 3)))
 
 
-def test_cli_with_some_models_only(dsn, tiny):
+def test_cli_with_some_models_only(dsn, tiny, partial_role):
     from psycopg.conninfo import make_conninfo
 
+    assert partial_role.rc == 0, partial_role.err
     r = cli("run", "hi", "--model", "rel_tiny", "--tokens", "3", "--dsn", make_conninfo(dsn, user="rel_partial"))
     assert r.rc == 0, r.err
