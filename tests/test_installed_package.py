@@ -21,10 +21,11 @@ CHECKOUT = {"gpt_sql.sql": REPO / "sql", "gpt_sql.loader": REPO / "loader"}
 
 
 def test_tests_run_against_the_installed_wheel():
-    installed = Path(gpt_sql.runner.__file__).resolve().parents[1]
-    if installed.is_relative_to(REPO):
-        missing(f"gpt_sql is imported from the checkout ({installed}), an editable install: the wheel's contents "
+    runner = Path(gpt_sql.runner.__file__).resolve().parent
+    if runner == REPO / "runner":
+        missing(f"gpt_sql is imported from the checkout ({runner}), an editable install: the wheel's contents "
                 "are not what runs (.ci/run installs the wheel)")
+    installed = runner.parent  # site-packages/gpt_sql (CI's venv may itself lie inside the checkout)
     assert installed.is_relative_to(Path(sysconfig.get_paths()["purelib"]).resolve()), installed
     assert bundled_path().resolve().is_relative_to(installed), bundled_path()
     for package, names in PACKAGED.items():
