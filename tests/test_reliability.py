@@ -250,11 +250,12 @@ def test_bad_input_is_one_line_error(bad_input, name):
     r = bad_input[0][("error", name)]
     one_line_error(r, ERROR_CASES[name][2])
     assert r.out == "" or name == "nul_jsonl"  # line 1 of the JSONL input is fine and printed
-    assert r.secs < 12, f"{name} took {r.secs:.1f} s"
+    # a hang, not a slow machine: each case ends in seconds, and the busiest machine seen took 10
+    assert r.secs < 30, f"{name} took {r.secs:.1f} s"
     if name == "100KB":  # refused by the runner's pre-check ("at least"), not after tokenizing 100 KB in SQL ("is")
         assert re.search(r"the prompt is at least \d+ tokens \(100000 bytes\)", r.err), r.err
-    if name == "silent_dsn":
-        assert r.secs < 9  # connect_timeout is 5 s
+    if name == "silent_dsn":  # ended by connect_timeout (5 s), not by a wait on a server that never answers
+        assert "connection timeout expired" in r.err, r.err
         assert "hunter2" not in r.err  # the password is not echoed
 
 
