@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -19,6 +22,27 @@ os.environ["GPT_SQL_DATA"] = str(_TMP / "data")
 os.environ["GPT_SQL_CACHE"] = str(_TMP / "cache")
 for var in ("DATABASE_URL", "PGHOST", "PGDATABASE", "PGPORT", "PGUSER"):
     os.environ.pop(var, None)
+
+
+# .ci/run installs every optional package and locale the tests use, so there a missing one is a broken install,
+# not a reason to skip: under CI=true the tests that would skip fail instead.
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the test (or the whole module, at import) because a prerequisite is absent; fail under CI=true."""
+    if IN_CI:
+        pytest.fail(f"CI=true, yet {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require(module: str, reason: str) -> ModuleType:
+    """pytest.importorskip, but a failure under CI=true: tests that need torch, transformers, tensorflow or another
+    optional package import it through this."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        missing(f"{reason} ({e})")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

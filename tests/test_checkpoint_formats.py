@@ -14,6 +14,7 @@ from gpt_sql.loader.checkpoint import Checkpoint, CheckpointError, read_checkpoi
 from gpt_sql.loader.hf_format import hf_names, write_hf
 from gpt_sql.loader.openai_format import (TABLE_MAGIC, crc32c, masked_crc32c, read_tf_bundle, tf_names, tf_shape,
                                           write_merges, write_openai)
+from conftest import require
 from tiny import SHARED_GPT2, make_checkpoint
 
 needs_gpt2 = pytest.mark.skipif(not (SHARED_GPT2 / "encoder.json").exists(),
@@ -27,8 +28,8 @@ def ckpt() -> Checkpoint:
 
 @pytest.fixture(scope="module")
 def tf():
-    return pytest.importorskip("tensorflow", reason="TensorFlow is needed to write OpenAI checkpoints: "
-                                                    "pip install 'gpt-sql[tf]'")
+    return require("tensorflow", reason="TensorFlow is needed to write OpenAI checkpoints: "
+                                        "pip install 'gpt-sql[tf]'")
 
 
 def assert_same(a: Checkpoint, b: Checkpoint) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,9 @@ import sys
 import pytest
 
 from gpt_sql.runner.engine import NumpyEngine, Params
+from gpt_sql.runner.reference import top_logprobs
+
+from conftest import require
 
 TINY = dict(n_embd=32, n_head=2, n_layer=2, n_ctx=64, seed=1)
 
@@ -64,11 +68,19 @@ def test_tokenize_and_jsonl(tiny):
 
 
 def test_next_lists_candidates(tiny):
-    r = gpt_sql("next", "I wish you a happy New", "--model", "tiny_a", "--top", "3", "--temperature", "1", "2", "--json")
+    r = gpt_sql("next", "I wish you a happy New", "--model", "tiny_a", "--top", "3", "--temperature", "1", "2",
+                "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) == {"1.0", "2.0"} and all(len(v) == 3 for v in out.values())
     assert out["2.0"][0]["prob"] < out["1.0"][0]["prob"]  # a higher temperature flattens the distribution
+    eng = NumpyEngine(tiny)
+    logits = eng.model.logits(eng.encode("I wish you a happy New"), eng.model.new_cache())[-1]
+    for temperature, got in out.items():
+        want = top_logprobs(logits, float(temperature), 3)
+        assert [c["token"] for c in got] == [t for t, _ in want]
+        assert [c["text"] for c in got] == [eng.tokenizer.decode([t]) for t, _ in want]
+        assert [c["prob"] for c in got] == pytest.approx([math.exp(lp) for _, lp in want], abs=1e-5)
 
 
 def test_models_and_sql(tiny):
@@ -122,30 +134,34 @@ def test_load_command(tmp_path, conn):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "hi", "--model", "no_such_model"], "model 'no_such_model' is not loaded"),
-    (["run", "hi", "--tokens", "0"], "must be at least 1"),
-    (["run", "hi", "--temperature", "nan"], "must be a positive finite number"),
-    (["run", "hi", "--temperature", "-1"], "must be a positive finite number"),
-    (["run", "hi", "--top-n", "0"], "must be at least 1"),
-    (["run", "a\x01b\udcff"], "not valid UTF-8"),
-    (["run", "hi", "--model", "tiny_a", "--top-n", "100000"], "gpt.top_n must be between 1 and"),
-    (["run", "hi", "--model", "tiny_a", "--tokens", "1000"], "at most n_ctx = 64 fit"),
-    (["run", "hi", "--dsn", "postgresql://nobody@127.0.0.1:9/none"], "cannot connect to"),
-    (["load", "/nonexistent/checkpoint"], "no such file or directory"),
-    (["load", ".", "--name", "Bad-Name"], "not a GPT-2 checkpoint"),
-    (["download", "7B"], "7B"),
+    (["run", "hi", "--model", "no_such_model"], "model 'no_such_model' is not loaded (loaded: "),
+    (["run", "hi", "--tokens", "0"], "argument --tokens: must be at least 1, got 0"),
+    (["run", "hi", "--temperature", "nan"], "argument --temperature: must be a positive finite number, got nan"),
+    (["run", "hi", "--temperature", "-1"], "argument --temperature: must be a positive finite number"),
+    (["run", "hi", "--top-n", "0"], "argument --top-n: must be at least 1, got 0"),
+    (["run", "a\x01b\udcff"], "argument prompt: the prompt is not valid UTF-8 (it holds a lone surrogate)"),
+    (["run", "hi", "--model", "tiny_a", "--top-n", "100000"], ("gpt.top_n must be between 1 and ",
+                                                                "(the vocabulary), got 100000")),
+    (["run", "hi", "--model", "tiny_a", "--tokens", "1000"],
+     "the prompt is 2 tokens and 1000 new tokens were asked for: together at most n_ctx = 64 fit"),
+    (["run", "hi", "--dsn", "postgresql://nobody@127.0.0.1:9/none"],
+     "cannot connect to postgresql://nobody@127.0.0.1:9/none: connection failed"),
+    (["load", "/nonexistent/checkpoint"], "/nonexistent/checkpoint: no such file or directory"),
+    (["load", ".", "--name", "Bad-Name"], ".: not a GPT-2 checkpoint (expected hparams.json + model.ckpt.*"),
+    (["download", "7B"], "unknown GPT-2 size '7B'; choose one of 124M, 355M, 774M, 1558M"),
 ])
 def test_errors_are_one_line(tiny, args, message):
+    """One line on stderr that says what was wrong, with the value or name at fault, and no traceback."""
     r = gpt_sql(*args)
     assert r.returncode != 0
-    assert message in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+    assert all(part in r.stderr for part in ((message,) if isinstance(message, str) else message)), r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_load_openai_format_and_generate(tmp_path):
     """OpenAI's checkpoint layout (TF tensor bundle, hparams.json, encoder.json, vocab.bpe) through `gpt-sql load`
     to a generation equal to NumPy's on the original weights."""
-    pytest.importorskip("tensorflow", reason="writing a TF checkpoint needs the [tf] extra")
+    require("tensorflow", reason="writing a TF checkpoint needs the [tf] extra")
     from tiny import make_checkpoint
     from gpt_sql.loader.openai_format import write_openai
 

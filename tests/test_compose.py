@@ -22,7 +22,9 @@ import pytest
 from gpt_sql.runner import compose as compose_mod
 from gpt_sql.runner.db import DatabaseError, resolve_dsn
 
-yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (pip install pyyaml)")
+from conftest import require
+
+yaml = require("yaml", reason="PyYAML is not installed (pip install pyyaml)")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -21,9 +21,17 @@ def fn_model(conn):
     return ckpt
 
 
+@pytest.fixture
+def public_path(conn):
+    """search_path = public on the session's shared connection for one test, then back to the default."""
+    conn.execute("SET search_path = public")
+    yield
+    conn.execute("RESET search_path")
+
+
 @pytest.mark.parametrize("top_n, temperature, seed", [(1, 1.0, 0), (5, 0.8, 3), (40, 2.0, 9)])
-def test_generate_and_complete_equal_the_cli_path(conn, fn_model, top_n, temperature, seed):
-    conn.execute("SET search_path = public")  # the functions find their model whatever the caller's path is
+def test_generate_and_complete_equal_the_cli_path(conn, fn_model, public_path, top_n, temperature, seed):
+    # public_path: the functions find their model whatever the caller's path is
     for prompt in PROMPTS:
         p = Params(prompt, tokens=7, temperature=temperature, top_n=top_n, seed=seed)
         want = list(generate_sql(conn, "fn_tiny", p))

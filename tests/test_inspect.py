@@ -15,7 +15,7 @@ from gpt_sql.runner import cli, queries
 from gpt_sql.runner.engine import GenerationError, NumpyEngine, inspect_sql, next_sql
 from gpt_sql.runner.firstrun import bundled_path
 
-from conftest import needs_shared_gpt2
+from conftest import needs_shared_gpt2, require
 
 PROMPTS = ["Happy New Year!", "a", "", "The quick brown fox jumps over the lazy dog. It's 12:30 — time to go!"]
 TOL = 1e-4  # the bound for attention weights and lens probabilities (fp32 agrees far closer)
@@ -129,16 +129,19 @@ def test_cli_json(conn, load_tiny, dsn, capsys):
 
 
 def test_cli_terminal_view_and_numpy_engine(conn, load_tiny, dsn, capsys):
-    load_tiny("inspect_32", n_embd=32, n_head=2, n_layer=2)
+    ckpt = load_tiny("inspect_32", n_embd=32, n_head=2, n_layer=2)
     assert cli.main(["inspect", "Happy New Year!", "--model", "inspect_32", "--dsn", dsn]) == 0
     view = capsys.readouterr().out
-    assert "layer 1" in view or "1 " in view
+    n = len(NumpyEngine(ckpt).encode("Happy New Year!"))
+    assert view.startswith(f"{n} tokens, 2 layers x 2 heads\n")
+    for layer in range(2):  # a row of the logit lens and the most backward-looking head, for each layer
+        assert f"after block {layer}" in view and f"layer {layer}: head " in view
     assert cli.main(["inspect", "Happy New Year!", "--model", "inspect_32", "--dsn", dsn, "--engine", "numpy"]) == 0
     assert capsys.readouterr().out == view
 
 
 def test_cli_png(conn, load_tiny, dsn, tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="--png needs matplotlib (the [png] extra)")
+    require("matplotlib", reason="--png needs matplotlib (the [png] extra)")
     load_tiny("inspect_32", n_embd=32, n_head=2, n_layer=2)
     path = tmp_path / "inside.png"
     assert cli.main(["inspect", "Happy New Year!", "--model", "inspect_32", "--dsn", dsn, "--png", str(path)]) == 0

@@ -9,6 +9,8 @@ import pytest
 
 from gpt_sql.runner import inspect_view
 
+from conftest import require
+
 
 def fake(n_layer: int, n_head: int, n: int, seed: int = 0) -> dict:
     """A result shaped like `inspect --json`: causal softmax rows, random lens tokens."""
@@ -59,7 +61,7 @@ def test_one_token_prompt():
 
 @pytest.mark.parametrize("shape", [(2, 3, 5), (12, 12, 20)])
 def test_png(tmp_path, shape):
-    pytest.importorskip("matplotlib", reason="the PNG needs matplotlib: pip install 'gpt-sql[png]'")
+    require("matplotlib", reason="the PNG needs matplotlib: pip install 'gpt-sql[png]'")
     import matplotlib.image
 
     path = tmp_path / "inside.png"

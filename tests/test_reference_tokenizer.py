@@ -17,6 +17,7 @@ import pytest
 import regex
 
 import corpus
+from conftest import require
 from gpt_sql.runner.tokenizer import PATTERN, Tokenizer
 
 GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "gpt2"
@@ -76,7 +77,7 @@ def _own_mergeable_ranks(encoder: dict[str, int]) -> dict[bytes, int]:
 
 @pytest.fixture(scope="module")
 def mergeable_ranks(encoder) -> dict[bytes, int]:
-    pytest.importorskip("tiktoken", reason="tiktoken is not installed (pip install tiktoken)")
+    require("tiktoken", reason="tiktoken is not installed (pip install tiktoken)")
     own = _own_mergeable_ranks(encoder)
     try:
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -99,7 +100,7 @@ def mergeable_ranks(encoder) -> dict[bytes, int]:
 
 @pytest.fixture(scope="module", params=sorted(GPT2_PATTERNS))
 def tik(request, mergeable_ranks):
-    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is not installed (pip install tiktoken)")
+    tiktoken = require("tiktoken", reason="tiktoken is not installed (pip install tiktoken)")
     return tiktoken.Encoding(
         name=f"gpt2-local-{request.param}",
         pat_str=GPT2_PATTERNS[request.param],

@@ -17,8 +17,9 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import require
 
-openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
+openai = require("openai", "the openai client is not installed (pip install openai)")
 
 MODEL = "serve_tiny"
 SHAPE = dict(n_embd=32, n_head=2, n_layer=2, n_ctx=64)

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import missing
 
 from test_serve import start, stop
 
@@ -33,9 +34,7 @@ def _missing() -> str | None:
 def browser():
     reason = _missing()
     if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the browser test: {reason}")
-        pytest.skip(reason)
+        missing(reason)
     from selenium import webdriver
 
     profile = tempfile.mkdtemp(prefix="gpt-sql-chromium-")

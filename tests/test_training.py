@@ -12,8 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="training needs torch (pip install torch, a CPU build is enough)")
-pytest.importorskip("tokenizers", reason="training needs Hugging Face tokenizers (pip install tokenizers)")
+from conftest import require
+
+torch = require("torch", reason="training needs torch (pip install torch, a CPU build is enough)")
+require("tokenizers", reason="training needs Hugging Face tokenizers (pip install tokenizers)")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
 import train_shakespeare as ts  # noqa: E402

@@ -20,10 +20,11 @@ from gpt_sql.loader.checkpoint import Checkpoint, as_dtype, read_checkpoint
 from gpt_sql.loader.hf_format import write_hf
 from gpt_sql.loader.load import load
 from gpt_sql.runner.engine import NumpyEngine
+from conftest import require
 from tiny import make_checkpoint
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch==2.13.0)")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+torch = require("torch", "torch is not installed (pip install torch==2.13.0)")
+transformers = require("transformers", "transformers is not installed (pip install transformers)")
 
 # Bounds, each about 3x the largest difference measured on this machine over both shapes (python -m pytest -s
 # tests/test_transformers_crosscheck.py prints them). transformers computes in float64, the exact answer to within
