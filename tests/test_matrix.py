@@ -11,7 +11,6 @@ The other builds come from .ci/matrix; a test whose build is not unpacked skips,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from conftest import missing
 from gpt_sql.runner.engine import NumpyEngine, Params
 from gpt_sql.runner.versions import PGVECTOR_FLOOR, POSTGRES_FLOOR
 from matrix_servers import BUILDS, data_dir, embedded_pginstall, has_avx512, matrix_dir, private_server, running
@@ -38,9 +38,7 @@ def need(name: str):
     build = BY_NAME[name]
     if not build.installed():
         why = f"{name} (PostgreSQL {build.postgres} + pgvector {build.pgvector}) is not unpacked in {matrix_dir()}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{why}: .ci/matrix should have done it")
-        pytest.skip(f"{why}: run `bash .ci/matrix`")
+        missing(f"{why}: run `bash .ci/matrix`")
     return build
 
 
