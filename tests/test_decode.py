@@ -52,7 +52,7 @@ def test_every_variant_is_the_pipeline_with_its_own_tail(conn, load_tiny):
     assert queries.generate_sql().count(queries.TAIL_MARKER) == 1
     conn.execute("SET search_path = tiny_a, public")
     try:
-        for kind in ["generate", *queries.TAILS]:
+        for kind in ["generate", *queries.kinds()]:
             conn.execute("EXPLAIN " + queries.query(kind))  # parsed and planned, not run; one statement only
     finally:
         conn.execute("RESET search_path")
