@@ -114,13 +114,18 @@ def _unsupported(body: dict) -> None:
         raise bad("logit_bias is not supported by gpt-sql", "logit_bias")
 
 
-def parse_completion(body: Any) -> CompletionRequest:
+def _model_and_texts(body: Any, field: str, plural: str) -> tuple[str, list[str], bool]:
+    """What both endpoints take first: a JSON object naming a model, and its texts in `field` (one or a list)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     model = _model(body)
-    if "prompt" not in body:
-        raise bad("you must provide a prompt parameter", "prompt")
-    prompts, single = _texts(body["prompt"], "prompt", "prompts")
+    if field not in body:
+        raise bad(f"you must provide {'an' if field[0] in 'aeiou' else 'a'} {field} parameter", field)
+    return (model, *_texts(body[field], field, plural))
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    model, prompts, single = _model_and_texts(body, "prompt", "prompts")
     _unsupported(body)
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
@@ -174,12 +179,7 @@ def parse_completion(body: Any) -> CompletionRequest:
 
 
 def parse_embedding(body: Any) -> EmbeddingRequest:
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    model = _model(body)
-    if "input" not in body:
-        raise bad("you must provide an input parameter", "input")
-    inputs, _ = _texts(body["input"], "input", "inputs")
+    model, inputs, _ = _model_and_texts(body, "input", "inputs")
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise bad(f"encoding_format must be 'float' or 'base64', got {fmt!r}", "encoding_format")
